@@ -1,0 +1,231 @@
+//! The application: the router maps a method and target to a route, the handlers turn a route
+//! into a response. Handlers never block: a slow one (the healthcheck delay) names a deadline.
+
+mod healthcheck;
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::Environment;
+use crate::http::{Persistence, ResponseHead, Status, encode};
+
+/// The path of the only resource.
+pub const HEALTHCHECK_PATH: &str = "/v1/healthcheck";
+
+/// The methods the healthcheck allows, for the `Allow` header of a 405.
+const HEALTHCHECK_ALLOW: &str = "GET, HEAD";
+
+/// What the router decided for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `GET` or `HEAD /v1/healthcheck`.
+    Healthcheck,
+    /// A path no route serves.
+    NotFound,
+    /// A known path with a method it does not allow; carries the method for the message.
+    MethodNotAllowed(Box<str>),
+}
+
+/// A routed request: the route and whether the body must be left out (HEAD).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed {
+    /// The route.
+    pub route: Route,
+    /// The request was HEAD: same headers, no body.
+    pub head_only: bool,
+}
+
+/// The application state the handlers read: fixed for the life of the process.
+#[derive(Debug, Clone)]
+pub struct App {
+    environment: Environment,
+    healthcheck_delay: Duration,
+}
+
+/// The JSON body of every error response.
+#[derive(Serialize)]
+pub struct ErrorBody<'a> {
+    /// What went wrong, for people.
+    pub error: &'a str,
+}
+
+/// The 405 message, serialized without building a `String`.
+struct MethodNotAllowedBody<'a>(&'a str);
+
+impl Serialize for MethodNotAllowedBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let message = format_args!("the {} method is not supported for this resource", self.0);
+        let mut body = serializer.serialize_struct("ErrorBody", 1)?;
+        body.serialize_field("error", &Message(message))?;
+        body.end()
+    }
+}
+
+/// A formatted message serialized as a JSON string straight from its `fmt::Arguments`.
+struct Message<'a>(std::fmt::Arguments<'a>);
+
+impl Serialize for Message<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
+    }
+}
+
+impl App {
+    /// The application for an environment, with the healthcheck answering after `delay`.
+    pub fn new(environment: Environment, healthcheck_delay: Duration) -> App {
+        App {
+            environment,
+            healthcheck_delay,
+        }
+    }
+
+    /// Maps a method and request target to a route. The query string is ignored, and the
+    /// absolute form (`http://host/path`, RFC 9112 §3.2.2) is accepted.
+    pub fn route(&self, method: &str, target: &str) -> Routed {
+        let path = path_of(target);
+        let head_only = method == "HEAD";
+        let route = if path != HEALTHCHECK_PATH {
+            Route::NotFound
+        } else if method == "GET" || head_only {
+            Route::Healthcheck
+        } else {
+            Route::MethodNotAllowed(method.into())
+        };
+        Routed { route, head_only }
+    }
+
+    /// How long the handler for `route` takes before its response is due.
+    pub fn delay(&self, route: &Route) -> Duration {
+        match route {
+            Route::Healthcheck => self.healthcheck_delay,
+            Route::NotFound | Route::MethodNotAllowed(_) => Duration::ZERO,
+        }
+    }
+
+    /// Runs the handler for a routed request and appends its response to `out`.
+    pub fn respond(
+        &self,
+        routed: &Routed,
+        persistence: Persistence,
+        date: &[u8],
+        out: &mut Vec<u8>,
+    ) {
+        let head = |status, allow| ResponseHead {
+            status,
+            persistence,
+            allow,
+            head_only: routed.head_only,
+        };
+        match &routed.route {
+            Route::Healthcheck => {
+                let body = healthcheck::report(self.environment);
+                encode(out, &head(Status::Ok, None), date, &body);
+            }
+            Route::NotFound => {
+                let body = ErrorBody {
+                    error: "the requested resource could not be found",
+                };
+                encode(out, &head(Status::NotFound, None), date, &body);
+            }
+            Route::MethodNotAllowed(method) => {
+                let head = head(Status::MethodNotAllowed, Some(HEALTHCHECK_ALLOW));
+                encode(out, &head, date, &MethodNotAllowedBody(method));
+            }
+        }
+    }
+}
+
+/// The path of a request target: origin form as is, absolute form without scheme and
+/// authority, the query dropped.
+fn path_of(target: &str) -> &str {
+    let without_authority = match target.split_once("://") {
+        Some((scheme, rest)) if !scheme.contains('/') => {
+            rest.find('/').map_or("/", |i| rest.get(i..).unwrap_or("/"))
+        }
+        _ => target,
+    };
+    without_authority
+        .split_once('?')
+        .map_or(without_authority, |(path, _)| path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> App {
+        App::new(Environment::Development, Duration::ZERO)
+    }
+
+    #[test]
+    fn routing_table() {
+        let rows: &[(&str, &str, Route)] = &[
+            ("GET", "/v1/healthcheck", Route::Healthcheck),
+            ("HEAD", "/v1/healthcheck", Route::Healthcheck),
+            ("GET", "/v1/healthcheck?verbose=1", Route::Healthcheck),
+            (
+                "GET",
+                "http://example.com/v1/healthcheck",
+                Route::Healthcheck,
+            ),
+            ("GET", "/v1/healthcheck/", Route::NotFound),
+            ("GET", "/", Route::NotFound),
+            ("GET", "/v1/HEALTHCHECK", Route::NotFound),
+            (
+                "POST",
+                "/v1/healthcheck",
+                Route::MethodNotAllowed("POST".into()),
+            ),
+            (
+                "get",
+                "/v1/healthcheck",
+                Route::MethodNotAllowed("get".into()),
+            ),
+            ("POST", "/nowhere", Route::NotFound),
+        ];
+        for (method, target, route) in rows {
+            assert_eq!(
+                &app().route(method, target).route,
+                route,
+                "{method} {target}"
+            );
+        }
+    }
+
+    fn body_of(method: &str, target: &str) -> serde_json::Value {
+        let app = app();
+        let mut out = Vec::new();
+        let routed = app.route(method, target);
+        app.respond(&routed, Persistence::KeepAlive, b"date", &mut out);
+        let text = String::from_utf8(out).unwrap();
+        let (_, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            body.ends_with("}\n"),
+            "pretty body ends in a newline: {body:?}"
+        );
+        serde_json::from_str(body).unwrap()
+    }
+
+    #[test]
+    fn healthcheck_reports_status_environment_and_version() {
+        let body = body_of("GET", "/v1/healthcheck");
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "status": "available",
+                "system_info": {"environment": "development", "version": env!("CARGO_PKG_VERSION")}
+            })
+        );
+    }
+
+    #[test]
+    fn method_not_allowed_names_the_method() {
+        let body = body_of("DELETE", "/v1/healthcheck");
+        assert_eq!(
+            body,
+            serde_json::json!({"error": "the DELETE method is not supported for this resource"})
+        );
+    }
+}

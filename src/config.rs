@@ -1,0 +1,217 @@
+//! Command-line flags and their `GREENLIGHT_*` environment variables -> [`Config`].
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+/// Connections held at once by default. An idle connection costs well under 1 KiB here, so
+/// the bound is about file descriptors: it stays under the common hard `RLIMIT_NOFILE` of 65536.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+
+/// The running environment, reported by the healthcheck.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    /// Local development.
+    Development,
+    /// Pre-production.
+    Staging,
+    /// Production.
+    Production,
+}
+
+impl Environment {
+    /// The name as it appears in flags, logs and the healthcheck.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Development => "development",
+            Environment::Staging => "staging",
+            Environment::Production => "production",
+        }
+    }
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (slog-term).
+    Term,
+    /// One JSON object per line, with `msg`, `level` and `ts`.
+    Json,
+}
+
+/// The lowest level that is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    /// Per-connection events too.
+    Debug,
+    /// Life-cycle events and problems.
+    Info,
+    /// Problems only.
+    Warning,
+    /// Failures only.
+    Error,
+}
+
+/// Everything the server is told at start-up. Each flag can also come from the environment
+/// variable named beside it; a flag given on the command line wins.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "greenlight",
+    version,
+    about = "The Greenlight healthcheck API, with a graceful shutdown that loses nothing"
+)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "GREENLIGHT_HOST",
+        default_value = "0.0.0.0",
+        value_name = "IP"
+    )]
+    pub host: IpAddr,
+
+    /// Port to listen on; 0 picks a free one (the `starting server` log line shows it).
+    #[arg(long, env = "GREENLIGHT_PORT", default_value_t = 4000)]
+    pub port: u16,
+
+    /// Environment reported by the healthcheck.
+    #[arg(long, env = "GREENLIGHT_ENV", value_enum, default_value_t = Environment::Development, value_name = "NAME")]
+    pub env: Environment,
+
+    /// Grace period for in-flight requests after SIGINT/SIGTERM.
+    #[arg(long, env = "GREENLIGHT_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DUR")]
+    pub shutdown_timeout: Duration,
+
+    /// A request (head and body) must arrive within this, counted from its first byte (from
+    /// the accept for a new connection); else 408. 0 disables it.
+    #[arg(long, env = "GREENLIGHT_READ_TIMEOUT", default_value = "5s", value_parser = parse_duration, value_name = "DUR")]
+    pub read_timeout: Duration,
+
+    /// A response must be written within this, else the connection is closed. 0 disables it.
+    #[arg(long, env = "GREENLIGHT_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DUR")]
+    pub write_timeout: Duration,
+
+    /// A keep-alive connection idle this long is closed. 0 disables it.
+    #[arg(long, env = "GREENLIGHT_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration, value_name = "DUR")]
+    pub idle_timeout: Duration,
+
+    /// The healthcheck answers after this delay, without blocking the loop (a demo of draining).
+    #[arg(long, env = "GREENLIGHT_HEALTHCHECK_DELAY", default_value = "0s", value_parser = parse_duration, value_name = "DUR")]
+    pub healthcheck_delay: Duration,
+
+    /// Log line format.
+    #[arg(long, env = "GREENLIGHT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Term)]
+    pub log_format: LogFormat,
+
+    /// Lowest level logged.
+    #[arg(long, env = "GREENLIGHT_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+
+    /// Connections held at once; a connection over it is closed at once.
+    #[arg(long, env = "GREENLIGHT_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = parse_max_connections, value_name = "N")]
+    pub max_connections: usize,
+}
+
+impl Config {
+    /// Parses the process's arguments and environment; exits with clap's message on error.
+    pub fn from_args() -> Config {
+        Config::parse()
+    }
+}
+
+/// A zero duration means "no timeout" for the read, write and idle timeouts.
+pub fn enabled(timeout: Duration) -> Option<Duration> {
+    (!timeout.is_zero()).then_some(timeout)
+}
+
+/// At least one connection, at most a million (a descriptor each).
+fn parse_max_connections(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "invalid connection count {text:?}: expected 1 to 1000000"
+        )),
+    }
+}
+
+/// Parses durations such as `250ms`, `5s`, `1m`, `1h`, `1m30s`, `1.5s` and `0`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let invalid = || {
+        format!("invalid duration {text:?}: expected a number with a unit, such as 250ms, 5s or 1m")
+    };
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(invalid());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let number_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(invalid)?;
+        let (number, tail) = rest.split_at(number_end);
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let value: f64 = number.parse().map_err(|_| invalid())?;
+        if number.starts_with('.') || number.ends_with('.') {
+            return Err(invalid());
+        }
+        let seconds_per_unit = match unit {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(invalid()),
+        };
+        let part = Duration::try_from_secs_f64(value * seconds_per_unit).map_err(|_| invalid())?;
+        total = total.checked_add(part).ok_or_else(invalid)?;
+        rest = tail;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_table() {
+        let ok: &[(&str, Duration)] = &[
+            ("250ms", Duration::from_millis(250)),
+            ("5s", Duration::from_secs(5)),
+            ("1m", Duration::from_secs(60)),
+            ("1h", Duration::from_secs(3600)),
+            ("1m30s", Duration::from_secs(90)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("0s", Duration::ZERO),
+            ("0", Duration::ZERO),
+        ];
+        for (text, expected) in ok {
+            assert_eq!(parse_duration(text), Ok(*expected), "{text}");
+        }
+        for bad in ["", "5", "s", "5x", "-1s", "1.s", ".5s", "5 s", "ms", "1e3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let config = Config::try_parse_from(["greenlight"]).unwrap();
+        assert_eq!(config.port, 4000);
+        assert_eq!(config.host.to_string(), "0.0.0.0");
+        assert_eq!(config.env, Environment::Development);
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(config.read_timeout, Duration::from_secs(5));
+        assert_eq!(config.write_timeout, Duration::from_secs(10));
+        assert_eq!(config.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.healthcheck_delay, Duration::ZERO);
+        assert_eq!(config.log_format, LogFormat::Term);
+    }
+}

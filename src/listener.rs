@@ -1,0 +1,96 @@
+//! The listening socket: bound with a deep backlog, accepted from until WouldBlock, and paused
+//! by deadline (never by sleeping) when the process runs out of file descriptors.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mio::net::{TcpListener, TcpStream};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::conn::{interrupted, would_block};
+
+/// Connections the kernel queues before we accept them. std and mio use 128, which a burst of
+/// 256 connecting clients (wrk -c256) overflows into SYN retries that cost a second each; the
+/// kernel caps it at `net.core.somaxconn` (4096 on current kernels).
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// How long accepting pauses after `accept` fails for want of descriptors or memory. Retrying
+/// at once would spin (the queued connection keeps the listener readable); a tenth of a second
+/// lets closing connections free descriptors while bounding the wait of queued clients.
+pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// The result of one `accept`.
+pub enum Accept {
+    /// A new connection.
+    Conn(TcpStream, SocketAddr),
+    /// The queue is empty.
+    Empty,
+    /// Out of file descriptors or kernel memory: pause accepting for [`ACCEPT_PAUSE`].
+    Exhausted(io::Error),
+}
+
+/// The bound listening socket.
+pub struct Listener {
+    socket: TcpListener,
+    addr: SocketAddr,
+}
+
+impl Listener {
+    /// Binds `addr` (port 0 picks a free port) with `SO_REUSEADDR` and [`LISTEN_BACKLOG`].
+    pub fn bind(addr: SocketAddr) -> io::Result<Listener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(false).ok();
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        let socket = TcpListener::from_std(socket.into());
+        let addr = socket.local_addr()?;
+        Ok(Listener { socket, addr })
+    }
+
+    /// The address actually bound.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The socket, for (de)registration.
+    pub fn socket_mut(&mut self) -> &mut TcpListener {
+        &mut self.socket
+    }
+
+    /// Accepts one connection, skipping failures that belong to that connection alone.
+    pub fn accept(&self) -> Accept {
+        loop {
+            match self.socket.accept() {
+                Ok((stream, peer)) => {
+                    // One write per batch of responses; never let Nagle hold the last segment.
+                    stream.set_nodelay(true).ok();
+                    return Accept::Conn(stream, peer);
+                }
+                Err(e) if would_block(&e) => return Accept::Empty,
+                Err(e) if interrupted(&e) || connection_specific(&e) => continue,
+                Err(e) => return Accept::Exhausted(e),
+            }
+        }
+    }
+}
+
+/// accept(2) errors about the connection being accepted, not the listener (the peer reset it
+/// while queued, a firewall refused it): skip that connection and keep accepting.
+fn connection_specific(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ECONNABORTED | libc::EPROTO | libc::EPERM | libc::ENETDOWN | libc::ENOPROTOOPT)
+            | Some(
+                libc::EHOSTDOWN
+                    | libc::ENONET
+                    | libc::EHOSTUNREACH
+                    | libc::EOPNOTSUPP
+                    | libc::ENETUNREACH
+            )
+    )
+}

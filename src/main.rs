@@ -1,0 +1,19 @@
+//! The greenlight binary: Config -> logger -> Server::bind -> run -> exit status.
+
+use std::process::ExitCode;
+
+use greenlight::{Config, Exit, Server, log};
+use slog::crit;
+
+fn main() -> ExitCode {
+    let config = Config::from_args();
+    let log = log::root(config.log_format, config.log_level);
+    let exit = match Server::bind(&config, log.clone()) {
+        Ok(server) => server.run(),
+        Err(e) => {
+            crit!(log, "cannot start server"; "error" => %e, "host" => %config.host, "port" => config.port);
+            Exit::Forced
+        }
+    };
+    ExitCode::from(exit.code())
+}

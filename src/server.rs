@@ -1,0 +1,401 @@
+//! The event loop, and only the loop: one `mio::Poll` owns the listener, the connections and
+//! the signal pipe; the nearest deadline is the poll timeout; the phase decides when it ends.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use mio::event::Event;
+use mio::{Events, Interest, Poll, Token};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+use slog::{Logger, debug, error, info, warn};
+
+use crate::app::App;
+use crate::config::{Config, Environment, enabled};
+use crate::conn::{Close, Connection, Context, Scratch, Timeouts, Wake, interrupted};
+use crate::http::{DateCache, Limits};
+use crate::listener::{ACCEPT_PAUSE, Accept, Listener};
+use crate::shutdown::{Exit, HANDLED_SIGNALS, Phase, Signal, Transition};
+use crate::timers::{TimerKey, Timers};
+
+/// Readiness events taken per `poll` call; more simply wait for the next call.
+const EVENTS_CAPACITY: usize = 1024;
+
+/// The listener's token (connections use their slab keys, far below).
+const LISTENER: Token = Token(usize::MAX - 1);
+
+/// The signal pipe's token.
+const SIGNALS: Token = Token(usize::MAX - 2);
+
+/// The server: everything the loop owns.
+pub struct Server {
+    poll: Poll,
+    listener: Option<Listener>,
+    /// Accepting is paused until the `AcceptResume` deadline (out of descriptors).
+    accept_paused: bool,
+    /// A connection over `--max-connections` was refused and not yet logged as recovered.
+    over_limit: bool,
+    signals: Signals,
+    conns: Slab<Connection>,
+    /// Keys closed during this batch of events, freed after it so no token is reused within
+    /// one batch (a stale event must not reach a new connection).
+    closed: Vec<usize>,
+    timers: Timers,
+    phase: Phase,
+    scratch: Scratch,
+    now: Instant,
+    date: DateCache,
+    app: App,
+    limits: Limits,
+    timeouts: Timeouts,
+    shutdown_timeout: Duration,
+    max_connections: usize,
+    next_id: u64,
+    addr: SocketAddr,
+    env: Environment,
+    log: Logger,
+}
+
+impl Server {
+    /// Binds the listener and installs the signal handlers; after this a signal is handled
+    /// gracefully, so only then is `starting server` logged (by [`Server::run`]).
+    pub fn bind(config: &Config, log: Logger) -> io::Result<Server> {
+        let poll = Poll::new()?;
+        let mut listener = Listener::bind(SocketAddr::new(config.host, config.port))?;
+        poll.registry()
+            .register(listener.socket_mut(), LISTENER, Interest::READABLE)?;
+        let mut signals = Signals::new(HANDLED_SIGNALS)?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        Ok(Server {
+            poll,
+            addr: listener.addr(),
+            listener: Some(listener),
+            accept_paused: false,
+            over_limit: false,
+            signals,
+            conns: Slab::new(),
+            closed: Vec::new(),
+            timers: Timers::new(),
+            phase: Phase::Serving,
+            scratch: Scratch::default(),
+            now: Instant::now(),
+            date: DateCache::new(SystemTime::now()),
+            app: App::new(config.env, config.healthcheck_delay),
+            limits: Limits::default(),
+            timeouts: Timeouts {
+                read: enabled(config.read_timeout),
+                idle: enabled(config.idle_timeout),
+                write: enabled(config.write_timeout),
+            },
+            shutdown_timeout: config.shutdown_timeout,
+            max_connections: config.max_connections,
+            next_id: 0,
+            env: config.env,
+            log,
+        })
+    }
+
+    /// The address actually bound.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Runs the loop until the phase is `Stopped`, and returns how to exit.
+    pub fn run(mut self) -> Exit {
+        info!(self.log, "starting server"; "addr" => %self.addr, "env" => self.env.as_str());
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        loop {
+            if let Phase::Stopped(exit) = self.phase {
+                return exit;
+            }
+            let timeout = self.timers.timeout(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if interrupted(&e) {
+                    continue;
+                }
+                error!(self.log, "poll failed"; "error" => %e);
+                return Exit::Forced;
+            }
+            self.now = Instant::now();
+            self.date.update(SystemTime::now());
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_ready(),
+                    SIGNALS => self.on_signals(),
+                    Token(key) => self.on_conn_event(key, event),
+                }
+            }
+            self.expire_timers();
+            self.free_closed();
+            self.check_drained();
+        }
+    }
+
+    /// Accepts until the queue is empty (edge-triggered: one event may stand for many).
+    fn accept_ready(&mut self) {
+        if self.accept_paused {
+            return;
+        }
+        while let Some(listener) = &self.listener {
+            match listener.accept() {
+                Accept::Conn(stream, peer) => self.admit(stream, peer),
+                Accept::Empty => return,
+                Accept::Exhausted(e) => {
+                    warn!(self.log, "cannot accept, pausing"; "error" => %e,
+                          "pause_ms" => ACCEPT_PAUSE.as_millis() as u64, "connections" => self.conns.len());
+                    self.accept_paused = true;
+                    let resume = self.now + ACCEPT_PAUSE;
+                    self.timers
+                        .reschedule(TimerKey::AcceptResume, None, Some(resume));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes an accepted stream into the connection table, or closes it when the table is full.
+    fn admit(&mut self, mut stream: mio::net::TcpStream, peer: SocketAddr) {
+        if self.conns.len() >= self.max_connections {
+            if !self.over_limit {
+                warn!(self.log, "max connections reached, closing new connections";
+                      "max_connections" => self.max_connections);
+                self.over_limit = true;
+            }
+            drop(stream);
+            return;
+        }
+        if self.over_limit {
+            info!(self.log, "below max connections again"; "connections" => self.conns.len());
+            self.over_limit = false;
+        }
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, Token(key), Interest::READABLE)
+        {
+            warn!(self.log, "cannot register connection"; "error" => %e, "peer" => %peer);
+            return;
+        }
+        self.next_id += 1;
+        let cx = Context {
+            now: self.now,
+            date: self.date.value(),
+            app: &self.app,
+            limits: &self.limits,
+            timeouts: &self.timeouts,
+        };
+        let conn = entry.insert(Connection::new(self.next_id, stream, peer, &cx));
+        debug!(conn.logger(&self.log), "accepted");
+        let deadline = conn.deadline();
+        conn.filed_deadline = deadline;
+        self.timers.reschedule(TimerKey::Conn(key), None, deadline);
+    }
+
+    fn on_conn_event(&mut self, key: usize, event: &Event) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.is_closed() {
+            return;
+        }
+        if event.is_read_closed() || event.is_error() {
+            conn.note_read_closed();
+        }
+        self.drive(key, Wake::Io);
+    }
+
+    /// Lets a connection read, answer and write, then files its interest and deadline.
+    fn drive(&mut self, key: usize, wake: Wake) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.is_closed() {
+            return;
+        }
+        let cx = Context {
+            now: self.now,
+            date: self.date.value(),
+            app: &self.app,
+            limits: &self.limits,
+            timeouts: &self.timeouts,
+        };
+        let result = conn.drive(wake, &mut self.scratch, &cx, &self.log);
+        self.settle(key, result);
+    }
+
+    /// After a connection ran: close it, or register what it now waits for.
+    fn settle(&mut self, key: usize, result: Result<(), Close>) {
+        let draining = self.phase.is_draining();
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let result = match result {
+            Ok(()) if draining && conn.is_idle() => Err(Close::Draining),
+            other => other,
+        };
+        if let Err(reason) = result {
+            self.close(key, reason);
+            return;
+        }
+        let wanted = conn.wanted_interest();
+        if wanted != conn.interest() {
+            if let Err(e) = self
+                .poll
+                .registry()
+                .reregister(conn.stream_mut(), Token(key), wanted)
+            {
+                self.close(key, Close::Failed(e.kind()));
+                return;
+            }
+            conn.set_interest(wanted);
+        }
+        let deadline = conn.deadline();
+        self.timers
+            .reschedule(TimerKey::Conn(key), conn.filed_deadline, deadline);
+        conn.filed_deadline = deadline;
+    }
+
+    /// Closes a connection now; its slab slot is freed after the batch.
+    fn close(&mut self, key: usize, reason: Close) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.is_closed() {
+            return;
+        }
+        let _ = self.poll.registry().deregister(conn.stream_mut());
+        self.timers
+            .reschedule(TimerKey::Conn(key), conn.filed_deadline, None);
+        conn.filed_deadline = None;
+        conn.mark_closed();
+        debug!(conn.logger(&self.log), "closed"; "reason" => reason.as_str(), "served" => conn.served());
+        self.closed.push(key);
+    }
+
+    fn free_closed(&mut self) {
+        for key in self.closed.drain(..) {
+            if self.conns.contains(key) {
+                self.conns.remove(key);
+            }
+        }
+    }
+
+    fn on_signals(&mut self) {
+        let raw: Vec<libc::c_int> = self.signals.pending().collect();
+        for signal in raw.into_iter().filter_map(Signal::from_raw) {
+            match self.phase.on_signal(signal) {
+                Transition::BeginDrain => self.begin_drain(signal),
+                Transition::ForceStop => {
+                    error!(self.log, "second signal while draining, forcing shutdown";
+                           "signal" => signal.name(), "connections" => self.open_connections());
+                    self.force_close_all();
+                    self.phase = Phase::Stopped(Exit::Forced);
+                }
+                Transition::DumpAndQuit => {
+                    self.dump_connections(signal);
+                    self.phase = Phase::Stopped(Exit::Quit);
+                }
+                Transition::Ignore => {}
+            }
+        }
+    }
+
+    /// Stop accepting (after taking what is queued: closing a listener resets its queue), read
+    /// what every connection has pending, close the idle ones, let the active ones finish.
+    fn begin_drain(&mut self, signal: Signal) {
+        let deadline = self.now + self.shutdown_timeout;
+        info!(self.log, "shutting down server"; "signal" => signal.name(),
+              "connections" => self.open_connections(),
+              "timeout_ms" => self.shutdown_timeout.as_millis() as u64);
+        self.accept_paused = false;
+        self.accept_ready();
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(listener.socket_mut());
+        }
+        self.phase = Phase::Draining { signal, deadline };
+        self.timers
+            .reschedule(TimerKey::ShutdownDeadline, None, Some(deadline));
+
+        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if conn.is_closed() {
+                continue;
+            }
+            let cx = Context {
+                now: self.now,
+                date: self.date.value(),
+                app: &self.app,
+                limits: &self.limits,
+                timeouts: &self.timeouts,
+            };
+            let result = conn.begin_drain(&mut self.scratch, &cx, &self.log);
+            self.settle(key, result);
+        }
+    }
+
+    fn expire_timers(&mut self) {
+        while let Some(key) = self.timers.pop_expired(self.now) {
+            match key {
+                TimerKey::ShutdownDeadline => {
+                    if self.phase.is_draining() {
+                        error!(self.log, "shutdown deadline passed with connections still open, forcing them closed";
+                               "connections" => self.open_connections(),
+                               "timeout_ms" => self.shutdown_timeout.as_millis() as u64);
+                        self.force_close_all();
+                        self.phase = Phase::Stopped(Exit::Forced);
+                    }
+                }
+                TimerKey::AcceptResume => {
+                    self.accept_paused = false;
+                    self.accept_ready();
+                }
+                TimerKey::Conn(key) => {
+                    if let Some(conn) = self.conns.get_mut(key) {
+                        conn.filed_deadline = None;
+                    }
+                    self.drive(key, Wake::Timer);
+                }
+            }
+        }
+    }
+
+    /// The drain is over when the last connection has closed: exit at once, no polling interval.
+    fn check_drained(&mut self) {
+        if self.phase.is_draining() && self.conns.is_empty() {
+            info!(self.log, "stopped server"; "addr" => %self.addr);
+            self.phase = Phase::Stopped(Exit::Clean);
+        }
+    }
+
+    fn force_close_all(&mut self) {
+        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.close(key, Close::Forced);
+        }
+    }
+
+    fn open_connections(&self) -> usize {
+        self.conns
+            .iter()
+            .filter(|(_, conn)| !conn.is_closed())
+            .count()
+    }
+
+    /// SIGQUIT: one log line per connection, for finding what holds a stuck process.
+    fn dump_connections(&self, signal: Signal) {
+        warn!(self.log, "dumping connection table and quitting without draining";
+              "signal" => signal.name(), "connections" => self.open_connections());
+        for (_, conn) in self.conns.iter().filter(|(_, conn)| !conn.is_closed()) {
+            let row = conn.snapshot(self.now);
+            info!(self.log, "connection"; "id" => row.id, "peer" => %row.peer, "state" => row.state,
+                  "age_ms" => row.age.as_millis() as u64, "bytes_in" => row.bytes_in, "bytes_out" => row.bytes_out);
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! The server's phase and how signals move it: SIGINT/SIGTERM begin a drain, a second one
+//! forces the stop, SIGQUIT dumps the connection table and quits at once.
+
+use std::time::Instant;
+
+use libc::c_int;
+
+/// The signals greenlight handles.
+pub const HANDLED_SIGNALS: [c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGQUIT];
+
+/// A handled signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Ctrl-C.
+    Int,
+    /// `kill`, systemd's `KillSignal`.
+    Term,
+    /// Ctrl-\: dump and quit.
+    Quit,
+}
+
+impl Signal {
+    /// The signal for a raw number, if handled.
+    pub fn from_raw(raw: c_int) -> Option<Signal> {
+        match raw {
+            libc::SIGINT => Some(Signal::Int),
+            libc::SIGTERM => Some(Signal::Term),
+            libc::SIGQUIT => Some(Signal::Quit),
+            _ => None,
+        }
+    }
+
+    /// The conventional name, as logged.
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Int => "SIGINT",
+            Signal::Term => "SIGTERM",
+            Signal::Quit => "SIGQUIT",
+        }
+    }
+}
+
+/// How the process exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// 0: drained; every in-flight request was answered.
+    Clean,
+    /// 1: the deadline passed or a second signal came; connections were force-closed. Also
+    /// used for start-up failures.
+    Forced,
+    /// 2: SIGQUIT; nothing was drained.
+    Quit,
+}
+
+impl Exit {
+    /// The process exit status.
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Clean => 0,
+            Exit::Forced => 1,
+            Exit::Quit => 2,
+        }
+    }
+}
+
+/// The server's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Accepting and serving. Leaves to `Draining` on SIGINT/SIGTERM, `Stopped` on SIGQUIT.
+    Serving,
+    /// Not accepting; in-flight requests finish until `deadline`. Leaves to `Stopped`: clean
+    /// when the last connection closes, forced at the deadline or on a second signal.
+    Draining {
+        /// The signal that began the drain.
+        signal: Signal,
+        /// When connections still open are force-closed.
+        deadline: Instant,
+    },
+    /// The loop returns this exit. Terminal.
+    Stopped(Exit),
+}
+
+/// What a signal asks of the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Stop accepting, close idle connections, let active ones finish.
+    BeginDrain,
+    /// Close everything now and exit 1.
+    ForceStop,
+    /// Log the connection table and exit 2 without draining.
+    DumpAndQuit,
+    /// Nothing (already stopping).
+    Ignore,
+}
+
+impl Phase {
+    /// The transition a signal causes in this phase.
+    pub fn on_signal(self, signal: Signal) -> Transition {
+        match (self, signal) {
+            (Phase::Stopped(_), _) => Transition::Ignore,
+            (_, Signal::Quit) => Transition::DumpAndQuit,
+            (Phase::Serving, _) => Transition::BeginDrain,
+            (Phase::Draining { .. }, _) => Transition::ForceStop,
+        }
+    }
+
+    /// Draining in-flight requests.
+    pub fn is_draining(self) -> bool {
+        matches!(self, Phase::Draining { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_transitions() {
+        let draining = Phase::Draining {
+            signal: Signal::Term,
+            deadline: Instant::now(),
+        };
+        let rows = [
+            (Phase::Serving, Signal::Term, Transition::BeginDrain),
+            (Phase::Serving, Signal::Int, Transition::BeginDrain),
+            (Phase::Serving, Signal::Quit, Transition::DumpAndQuit),
+            (draining, Signal::Int, Transition::ForceStop),
+            (draining, Signal::Term, Transition::ForceStop),
+            (draining, Signal::Quit, Transition::DumpAndQuit),
+            (
+                Phase::Stopped(Exit::Clean),
+                Signal::Term,
+                Transition::Ignore,
+            ),
+        ];
+        for (phase, signal, expected) in rows {
+            assert_eq!(phase.on_signal(signal), expected, "{phase:?} + {signal:?}");
+        }
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(Exit::Clean.code(), 0);
+        assert_eq!(Exit::Forced.code(), 1);
+        assert_eq!(Exit::Quit.code(), 2);
+        assert_eq!(
+            Signal::from_raw(libc::SIGTERM).map(Signal::name),
+            Some("SIGTERM")
+        );
+        assert_eq!(Signal::from_raw(libc::SIGHUP), None);
+    }
+}
