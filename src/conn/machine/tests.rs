@@ -74,13 +74,20 @@ fn pipelined_requests_split_at_every_boundary_get_identical_responses() {
     let (whole, rest) = h.feed(&mut Machine::new(&h.cx()), &[PIPELINE]);
     assert!(rest.is_empty());
     assert_eq!(statuses(&whole), ["200", "405", "404", "200", "200"]);
-    assert!(text(&whole).ends_with(&("Connection: close\r\n\r\n{\n  \"status\": \"available\",\n  \"system_info\": {\n    \"environment\": \"production\",\n    \"version\": \"".to_owned() + env!("CARGO_PKG_VERSION") + "\"\n  }\n}\n"));
+    let last_body = format!(
+        "Connection: close\r\n\r\n{{\n  \"status\": \"available\",\n  \"system_info\": {{\n    \"environment\": \"production\",\n    \"version\": \"{}\"\n  }}\n}}\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(text(&whole).ends_with(&last_body));
 
     for split in 0..=PIPELINE.len() {
         let mut machine = Machine::new(&h.cx());
         let (out, _) = h.feed(&mut machine, &[&PIPELINE[..split], &PIPELINE[split..]]);
         assert_eq!(text(&out), text(&whole), "split at {split}");
-        assert!(machine.is_done(), "HTTP/1.0 without keep-alive ends the connection");
+        assert!(
+            machine.is_done(),
+            "HTTP/1.0 without keep-alive ends the connection"
+        );
     }
     let bytes: Vec<&[u8]> = PIPELINE.chunks(1).collect();
     let (out, _) = h.feed(&mut Machine::new(&h.cx()), &bytes);
@@ -102,7 +109,10 @@ fn a_fresh_connection_is_idle_until_its_first_byte() {
 fn keep_alive_response_returns_to_idle_with_the_idle_deadline() {
     let h = Harness::new(Duration::ZERO);
     let mut machine = Machine::new(&h.cx());
-    let (out, _) = h.feed(&mut machine, &[b"GET /v1/healthcheck HTTP/1.1\r\nHost: x\r\n\r\n"]);
+    let (out, _) = h.feed(
+        &mut machine,
+        &[b"GET /v1/healthcheck HTTP/1.1\r\nHost: x\r\n\r\n"],
+    );
     assert!(!text(&out).contains("Connection:"));
     assert!(machine.is_idle());
     assert_eq!(machine.deadline(), Some(h.now + Duration::from_secs(60)));
@@ -133,23 +143,37 @@ fn requests_sent_before_the_drain_are_all_answered_and_only_the_last_says_close(
     let mut machine = Machine::new(&h.cx());
     machine.begin_drain(three.len() as u64);
     let (out, _) = h.feed(&mut machine, &[&three, request]);
-    assert_eq!(statuses(&out), ["200", "200", "200"], "the request after the mark is not answered");
+    assert_eq!(
+        statuses(&out),
+        ["200", "200", "200"],
+        "the request after the mark is not answered"
+    );
     assert_eq!(text(&out).matches("Connection: close").count(), 1);
     assert!(text(&out).trim_end().ends_with('}'));
-    assert!(machine.has_unread_input(), "bytes after the last response force a lingering close");
+    assert!(
+        machine.has_unread_input(),
+        "bytes after the last response force a lingering close"
+    );
 }
 
 #[test]
 fn slow_handler_defers_its_response_and_keeps_pipelined_order() {
     let h = Harness::new(Duration::from_secs(4));
     let mut machine = Machine::new(&h.cx());
-    let script = b"GET /v1/healthcheck HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n";
+    let script =
+        b"GET /v1/healthcheck HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n";
     let (out, rest) = h.feed(&mut machine, &[script]);
-    assert!(out.is_empty(), "nothing is answered before the handler is ready");
+    assert!(
+        out.is_empty(),
+        "nothing is answered before the handler is ready"
+    );
     assert_eq!(machine.state_name(), "handling");
     assert_eq!(machine.deadline(), Some(h.now + Duration::from_secs(4)));
 
-    let later = Harness { now: h.now + Duration::from_secs(4), ..Harness::new(Duration::from_secs(4)) };
+    let later = Harness {
+        now: h.now + Duration::from_secs(4),
+        ..Harness::new(Duration::from_secs(4))
+    };
     let mut out = Vec::new();
     let step = machine.advance(&rest, &mut out, &later.cx());
     assert_eq!(step.consumed, rest.len());
@@ -162,16 +186,29 @@ fn read_timeout_answers_408_and_idle_timeout_closes_quietly() {
     let mut machine = Machine::new(&h.cx());
     h.feed(&mut machine, &[b"GET /v1/health"]);
     let mut out = Vec::new();
-    assert_eq!(machine.expire(&mut out, &h.cx()), Expiry::Nothing, "not due yet");
-    let late = Harness { now: h.now + Duration::from_secs(5), ..Harness::new(Duration::ZERO) };
+    assert_eq!(
+        machine.expire(&mut out, &h.cx()),
+        Expiry::Nothing,
+        "not due yet"
+    );
+    let late = Harness {
+        now: h.now + Duration::from_secs(5),
+        ..Harness::new(Duration::ZERO)
+    };
     assert_eq!(machine.expire(&mut out, &late.cx()), Expiry::RequestTimeout);
     assert_eq!(statuses(&out), ["408"]);
     assert!(text(&out).contains("Connection: close"));
     assert!(machine.is_done());
 
     let mut machine = Machine::new(&h.cx());
-    h.feed(&mut machine, &[b"GET /v1/healthcheck HTTP/1.1\r\nHost: x\r\n\r\n"]);
-    let idle = Harness { now: h.now + Duration::from_secs(60), ..Harness::new(Duration::ZERO) };
+    h.feed(
+        &mut machine,
+        &[b"GET /v1/healthcheck HTTP/1.1\r\nHost: x\r\n\r\n"],
+    );
+    let idle = Harness {
+        now: h.now + Duration::from_secs(60),
+        ..Harness::new(Duration::ZERO)
+    };
     let mut out = Vec::new();
     assert_eq!(machine.expire(&mut out, &idle.cx()), Expiry::Idle);
     assert!(out.is_empty());
@@ -181,7 +218,10 @@ fn read_timeout_answers_408_and_idle_timeout_closes_quietly() {
 fn a_fresh_connection_that_never_speaks_gets_408_at_the_read_timeout() {
     let h = Harness::new(Duration::ZERO);
     let mut machine = Machine::new(&h.cx());
-    let late = Harness { now: h.now + Duration::from_secs(5), ..Harness::new(Duration::ZERO) };
+    let late = Harness {
+        now: h.now + Duration::from_secs(5),
+        ..Harness::new(Duration::ZERO)
+    };
     let mut out = Vec::new();
     assert_eq!(machine.expire(&mut out, &late.cx()), Expiry::RequestTimeout);
     assert_eq!(statuses(&out), ["408"]);
@@ -213,16 +253,26 @@ fn expect_100_continue_gets_an_interim_response_before_the_body() {
 
     let mut machine = Machine::new(&h.cx());
     let (out, _) = h.feed(&mut machine, &[&[&head[..], b"body"].concat()]);
-    assert_eq!(statuses(&out), ["405"], "no 100 when the body is already here");
+    assert_eq!(
+        statuses(&out),
+        ["405"],
+        "no 100 when the body is already here"
+    );
 }
 
 #[test]
 fn peer_eof_after_a_complete_request_still_gets_the_answer_then_close() {
     let h = Harness::new(Duration::from_secs(1));
     let mut machine = Machine::new(&h.cx());
-    h.feed(&mut machine, &[b"GET /v1/healthcheck HTTP/1.1\r\nHost: x\r\n\r\n"]);
+    h.feed(
+        &mut machine,
+        &[b"GET /v1/healthcheck HTTP/1.1\r\nHost: x\r\n\r\n"],
+    );
     machine.on_peer_eof();
-    let ready = Harness { now: h.now + Duration::from_secs(1), ..Harness::new(Duration::from_secs(1)) };
+    let ready = Harness {
+        now: h.now + Duration::from_secs(1),
+        ..Harness::new(Duration::from_secs(1))
+    };
     let mut out = Vec::new();
     machine.advance(&[], &mut out, &ready.cx());
     assert_eq!(statuses(&out), ["200"]);
