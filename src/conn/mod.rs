@@ -338,17 +338,24 @@ impl Connection {
         }
         let mut drained = false;
         loop {
-            let step = self.machine.advance(input.filled(), out, cx);
-            input.consume(step.consumed);
-            if let Some(error) = step.error {
-                let (status, message) = error.response();
-                self.log_request_error(log, status.code(), message);
-            }
-            if self.read_eof {
-                self.machine.on_peer_eof();
-            }
-            self.flush(out, sent)?;
-            let backlogged = out.len() - *sent >= machine::MAX_PENDING_OUTPUT_BYTES;
+            // Answer what is buffered; once a backlog is written out, answer more before reading.
+            let backlogged = loop {
+                let step = self.machine.advance(input.filled(), out, cx);
+                input.consume(step.consumed);
+                if let Some(error) = step.error {
+                    let (status, message) = error.response();
+                    self.log_request_error(log, status.code(), message);
+                }
+                if self.read_eof {
+                    self.machine.on_peer_eof();
+                }
+                let was_full = out.len() - *sent >= machine::MAX_PENDING_OUTPUT_BYTES;
+                self.flush(out, sent)?;
+                let backlogged = out.len() - *sent >= machine::MAX_PENDING_OUTPUT_BYTES;
+                if !was_full || backlogged || step.consumed == 0 || input.is_empty() {
+                    break backlogged;
+                }
+            };
             if drained || self.read_eof || self.machine.is_done() || input.is_full() || backlogged {
                 return Ok(());
             }

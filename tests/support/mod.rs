@@ -1,0 +1,277 @@
+//! Helpers for black-box tests: spawn the real binary on 127.0.0.1 --port 0, read its JSON log,
+//! talk raw TCP to it, send it real signals.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Generous bound for anything that should happen "at once" on a loaded, shared machine.
+pub const PROMPTLY: Duration = Duration::from_secs(10);
+
+/// A running greenlight process.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub pid: i32,
+    log_lines: Receiver<Value>,
+    seen: Vec<Value>,
+    exit: Receiver<ExitStatus>,
+    exited: Option<ExitStatus>,
+}
+
+/// Spawns the binary with `--host 127.0.0.1 --port 0 --log-format json` plus `args`, and waits
+/// for its `starting server` line.
+pub fn spawn_server(args: &[&str]) -> Server {
+    spawn_server_with_env(args, &[])
+}
+
+/// As [`spawn_server`], with extra environment variables.
+pub fn spawn_server_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_greenlight"));
+    command
+        .args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("spawn greenlight");
+    let pid = child.id() as i32;
+    let stderr = child.stderr.take().expect("stderr");
+    let (line_tx, log_lines) = channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let value = serde_json::from_str(&line).unwrap_or(Value::String(line));
+            if line_tx.send(value).is_err() {
+                break;
+            }
+        }
+    });
+    let (exit_tx, exit) = channel();
+    thread::spawn(move || {
+        if let Ok(status) = child.wait() {
+            let _ = exit_tx.send(status);
+        }
+    });
+    let mut server = Server {
+        addr: "0.0.0.0:0".parse().unwrap(),
+        pid,
+        log_lines,
+        seen: Vec::new(),
+        exit,
+        exited: None,
+    };
+    let started = server
+        .wait_for_log("starting server", PROMPTLY)
+        .unwrap_or_else(|| panic!("no starting server line; log: {:?}", server.seen));
+    server.addr = started["addr"]
+        .as_str()
+        .expect("addr field")
+        .parse()
+        .expect("addr parses");
+    server
+}
+
+impl Server {
+    /// Opens a TCP connection to the server.
+    pub fn connect(&self) -> TcpStream {
+        let stream = TcpStream::connect(self.addr).expect("connect");
+        stream.set_read_timeout(Some(PROMPTLY)).unwrap();
+        stream.set_write_timeout(Some(PROMPTLY)).unwrap();
+        stream
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, signal: i32) {
+        send_signal(self.pid, signal);
+    }
+
+    /// Waits for a log line whose `msg` is `msg` (lines seen before count too).
+    pub fn wait_for_log(&mut self, msg: &str, timeout: Duration) -> Option<Value> {
+        let end = Instant::now() + timeout;
+        let mut checked = 0;
+        loop {
+            if let Some(found) = self.seen[checked..].iter().find(|v| v["msg"] == msg) {
+                return Some(found.clone());
+            }
+            checked = self.seen.len();
+            let left = end.checked_duration_since(Instant::now())?;
+            match self.log_lines.recv_timeout(left) {
+                Ok(value) => self.seen.push(value),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Every log line read so far, plus whatever arrives within `wait`.
+    pub fn log(&mut self, wait: Duration) -> &[Value] {
+        let end = Instant::now() + wait;
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match self.log_lines.recv_timeout(left) {
+                Ok(value) => self.seen.push(value),
+                Err(_) => break,
+            }
+        }
+        &self.seen
+    }
+
+    /// All log lines once the process has exited (stderr is read to its end).
+    pub fn final_log(&mut self) -> &[Value] {
+        while let Ok(value) = self.log_lines.recv_timeout(PROMPTLY) {
+            self.seen.push(value);
+        }
+        &self.seen
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            match self.exit.recv_timeout(timeout) {
+                Ok(status) => self.exited = Some(status),
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
+            }
+        }
+        self.exited
+    }
+
+    /// The process has not exited within `wait`.
+    pub fn still_running_after(&mut self, wait: Duration) -> bool {
+        self.wait_exit(wait).is_none()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.exited.is_none() && self.exit.try_recv().is_err() {
+            send_signal(self.pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Sends `signal` to `pid`.
+pub fn send_signal(pid: i32, signal: i32) {
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+}
+
+/// A parsed HTTP response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// `Connection: close` was sent.
+    pub fn closes(&self) -> bool {
+        self.header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+    }
+}
+
+/// Reads one response (head, then a Content-Length body unless `head_only`). Returns `Err`
+/// with the bytes read so far if the connection ends first.
+pub fn read_response_from(stream: &mut impl Read, head_only: bool) -> Result<Response, Vec<u8>> {
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => raw.push(byte[0]),
+            _ => return Err(raw),
+        }
+    }
+    let head = String::from_utf8_lossy(&raw).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| raw.clone())?;
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut response = Response {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if status == 100 {
+        return Ok(response);
+    }
+    let length: usize = response
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| raw.clone())?;
+    if !head_only {
+        let mut body = vec![0; length];
+        let mut filled = 0;
+        while filled < length {
+            match stream.read(&mut body[filled..]) {
+                Ok(0) | Err(_) => {
+                    raw.extend_from_slice(&body[..filled]);
+                    return Err(raw);
+                }
+                Ok(n) => filled += n,
+            }
+        }
+        response.body = body;
+    }
+    Ok(response)
+}
+
+/// Reads one response, panicking if the connection ends first.
+pub fn read_response(stream: &mut TcpStream) -> Response {
+    read_response_from(stream, false).unwrap_or_else(|raw| {
+        panic!(
+            "connection ended mid-response: {:?}",
+            String::from_utf8_lossy(&raw)
+        )
+    })
+}
+
+/// Sends `raw` on a new connection and reads one response.
+pub fn exchange(server: &Server, raw: &[u8]) -> Response {
+    let mut stream = server.connect();
+    stream.write_all(raw).unwrap();
+    read_response(&mut stream)
+}
+
+/// A GET of the healthcheck.
+pub const HEALTHCHECK: &[u8] = b"GET /v1/healthcheck HTTP/1.1\r\nHost: localhost\r\n\r\n";
+
+/// Reads until EOF; `Ok(bytes)` when the peer closed cleanly, `Err` on reset or timeout.
+pub fn read_to_close(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest)?;
+    Ok(rest)
+}
