@@ -45,6 +45,9 @@ impl Listener {
             socket.set_only_v6(false).ok();
         }
         socket.set_nonblocking(true)?;
+        // One write per batch of responses: never let Nagle hold back the last segment.
+        // Accepted sockets inherit TCP_NODELAY from the listener, saving a syscall each.
+        socket.set_tcp_nodelay(true)?;
         socket.bind(&addr.into())?;
         socket.listen(LISTEN_BACKLOG)?;
         let socket = TcpListener::from_std(socket.into());
@@ -66,11 +69,7 @@ impl Listener {
     pub fn accept(&self) -> Accept {
         loop {
             match self.socket.accept() {
-                Ok((stream, peer)) => {
-                    // One write per batch of responses; never let Nagle hold the last segment.
-                    stream.set_nodelay(true).ok();
-                    return Accept::Conn(stream, peer);
-                }
+                Ok((stream, peer)) => return Accept::Conn(stream, peer),
                 Err(e) if would_block(&e) => return Accept::Empty,
                 Err(e) if interrupted(&e) || connection_specific(&e) => continue,
                 Err(e) => return Accept::Exhausted(e),
@@ -93,4 +92,23 @@ fn connection_specific(error: &io::Error) -> bool {
                     | libc::ENETUNREACH
             )
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let _client = std::net::TcpStream::connect(listener.addr()).unwrap();
+        let accepted = loop {
+            match listener.accept() {
+                Accept::Conn(stream, _) => break stream,
+                Accept::Empty => std::thread::yield_now(),
+                Accept::Exhausted(e) => panic!("{e}"),
+            }
+        };
+        assert!(accepted.nodelay().unwrap());
+    }
 }

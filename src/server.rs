@@ -189,7 +189,7 @@ impl Server {
             timeouts: &self.timeouts,
         };
         let conn = entry.insert(Connection::new(self.next_id, stream, peer, &cx));
-        debug!(conn.logger(&self.log), "accepted");
+        debug!(self.log, "accepted"; conn.log_fields());
         let deadline = conn.deadline();
         conn.filed_deadline = deadline;
         self.timers.reschedule(TimerKey::Conn(key), None, deadline);
@@ -253,10 +253,20 @@ impl Server {
             }
             conn.set_interest(wanted);
         }
+        // File the deadline only when it moves earlier: a later one (the idle deadline after
+        // each keep-alive response) would cost a remove and an insert per request, while an
+        // early wake-up costs one spurious drive, which refiles the real deadline.
         let deadline = conn.deadline();
-        self.timers
-            .reschedule(TimerKey::Conn(key), conn.filed_deadline, deadline);
-        conn.filed_deadline = deadline;
+        let earlier = match (conn.filed_deadline, deadline) {
+            (None, Some(_)) => true,
+            (Some(filed), Some(new)) => new < filed,
+            (_, None) => false,
+        };
+        if earlier {
+            self.timers
+                .reschedule(TimerKey::Conn(key), conn.filed_deadline, deadline);
+            conn.filed_deadline = deadline;
+        }
     }
 
     /// Closes a connection now; its slab slot is freed after the batch.
@@ -267,12 +277,13 @@ impl Server {
         if conn.is_closed() {
             return;
         }
-        let _ = self.poll.registry().deregister(conn.stream_mut());
+        // No deregister: dropping the stream (after the batch) closes the descriptor, which
+        // takes it out of epoll; until then its events are skipped as closed.
         self.timers
             .reschedule(TimerKey::Conn(key), conn.filed_deadline, None);
         conn.filed_deadline = None;
         conn.mark_closed();
-        debug!(conn.logger(&self.log), "closed"; "reason" => reason.as_str(), "served" => conn.served());
+        debug!(self.log, "closed"; conn.log_fields(), "reason" => reason.as_str(), "served" => conn.served());
         self.closed.push(key);
     }
 

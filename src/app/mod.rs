@@ -140,15 +140,20 @@ impl App {
 /// The path of a request target: origin form as is, absolute form without scheme and
 /// authority, the query dropped.
 fn path_of(target: &str) -> &str {
-    let without_authority = match target.split_once("://") {
-        Some((scheme, rest)) if !scheme.contains('/') => {
-            rest.find('/').map_or("/", |i| rest.get(i..).unwrap_or("/"))
+    let path = if target.starts_with('/') {
+        target
+    } else {
+        match target.split_once("://") {
+            Some((scheme, rest)) if !scheme.contains('/') => {
+                rest.find('/').and_then(|i| rest.get(i..)).unwrap_or("/")
+            }
+            _ => target,
         }
-        _ => target,
     };
-    without_authority
-        .split_once('?')
-        .map_or(without_authority, |(path, _)| path)
+    match path.bytes().position(|b| b == b'?') {
+        Some(query) => path.get(..query).unwrap_or(path),
+        None => path,
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use mio::Interest;
 use mio::net::TcpStream;
-use slog::{Logger, info, o};
+use slog::{Logger, info};
 
 pub use buffer::{InputBuf, READ_BUFFER_BYTES, Scratch};
 pub use machine::{Context, Expiry, Machine, Timeouts};
@@ -426,13 +426,17 @@ impl Connection {
         }
     }
 
-    /// A child logger for this connection, built only when there is something to log.
-    pub fn logger(&self, root: &Logger) -> Logger {
-        root.new(o!("conn" => self.id, "peer" => self.peer.to_string()))
+    /// The connection's id and peer, as key-value pairs for a log line. Values are formatted
+    /// only if the line passes the level filter, so a filtered debug line costs nothing.
+    pub fn log_fields(&self) -> ConnFields {
+        ConnFields {
+            id: self.id,
+            peer: self.peer,
+        }
     }
 
     fn log_request_error(&self, root: &Logger, status: u16, message: &str) {
-        info!(self.logger(root), "request error"; "status" => status, "error" => message);
+        info!(root, "request error"; self.log_fields(), "status" => status, "error" => message);
     }
 
     /// The connection's row in the SIGQUIT dump.
@@ -456,6 +460,23 @@ impl Connection {
     /// Responses queued so far.
     pub fn served(&self) -> u64 {
         self.machine.served()
+    }
+}
+
+/// `conn` and `peer` fields of a connection's log lines.
+pub struct ConnFields {
+    id: u64,
+    peer: SocketAddr,
+}
+
+impl slog::KV for ConnFields {
+    fn serialize(
+        &self,
+        _record: &slog::Record<'_>,
+        serializer: &mut dyn slog::Serializer,
+    ) -> slog::Result {
+        serializer.emit_u64(slog::Key::from("conn"), self.id)?;
+        serializer.emit_arguments(slog::Key::from("peer"), &format_args!("{}", self.peer))
     }
 }
 
