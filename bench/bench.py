@@ -120,10 +120,13 @@ def wrk(port, connections, seconds, script=None, close=False):
         "errors": 0,
         "raw": out,
     }
+    scale = {"us": 1, "ms": 1000, "s": 1_000_000}
     for pct in ("50", "99"):
         m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        scale = {"us": 1, "ms": 1000, "s": 1_000_000}[m.group(2)]
-        result[f"p{pct}_us"] = float(m.group(1)) * scale
+        result[f"p{pct}_us"] = float(m.group(1)) * scale[m.group(2)]
+    m = re.search(r"Latency\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)", out)
+    result["avg_us"] = float(m.group(1)) * scale[m.group(2)]
+    result["max_us"] = float(m.group(5)) * scale[m.group(6)]
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
         result["errors"] = sum(int(x) for x in m.groups())
@@ -291,8 +294,14 @@ def main():
             (lambda r, g, n: r >= 5) if key == "c" else ((lambda r, g, n: r >= 1) if key == "d" else (lambda r, g, n: True)))
         row(key, "server CPU us/request", "cpu_us", "<= 0.85x" if key == "a" else "-",
             (lambda r, g, n: r <= 0.85) if key == "a" else (lambda r, g, n: True))
-        row(key, "p50 latency us", "p50_us", "-", lambda r, g, n: True)
-        row(key, "p99 latency us", "p99_us", "<= 1x", lambda r, g, n: r <= 1.0)
+        if key == "c":
+            # wrk records one latency per pipelined batch and its percentiles past the sample
+            # count read 0; the batch round-trip's mean and maximum are what it measures.
+            row(key, "batch latency mean us", "avg_us", "<= 1x", lambda r, g, n: r <= 1.0)
+            row(key, "batch latency max us", "max_us", "<= 1x", lambda r, g, n: r <= 1.0)
+        else:
+            row(key, "p50 latency us", "p50_us", "-", lambda r, g, n: True)
+            row(key, "p99 latency us", "p99_us", "<= 1x", lambda r, g, n: r <= 1.0)
         row(key, "socket errors + non-2xx", "errors", "0", lambda r, g, n: g == 0)
     if "e" in args.scenarios:
         row("e", "RSS KiB per idle connection", "kib_per_conn", "<= 0.5 KiB and <= 1x",

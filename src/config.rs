@@ -6,6 +6,9 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
 
+use crate::http::Limits;
+use crate::http::limits;
+
 /// Connections held at once by default. An idle connection costs well under 1 KiB here, so
 /// the bound is about file descriptors: it stays under the common hard `RLIMIT_NOFILE` of 65536.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
@@ -110,6 +113,18 @@ pub struct Config {
     #[arg(long, env = "GREENLIGHT_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
 
+    /// Longest request line (method, target, version) in bytes, else 414.
+    #[arg(long, env = "GREENLIGHT_MAX_REQUEST_LINE", default_value_t = limits::MAX_REQUEST_LINE_BYTES, value_parser = parse_head_limit, value_name = "BYTES")]
+    pub max_request_line: usize,
+
+    /// Largest request header section in bytes, request line included, else 431.
+    #[arg(long, env = "GREENLIGHT_MAX_HEADER_BYTES", default_value_t = limits::MAX_HEAD_BYTES, value_parser = parse_head_limit, value_name = "BYTES")]
+    pub max_header_bytes: usize,
+
+    /// Largest request body in bytes, else 413 (decided from Content-Length before the body is read).
+    #[arg(long, env = "GREENLIGHT_MAX_BODY_BYTES", default_value_t = limits::MAX_BODY_BYTES, value_name = "BYTES")]
+    pub max_body_bytes: u64,
+
     /// Connections held at once; a connection over it is closed at once.
     #[arg(long, env = "GREENLIGHT_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = parse_max_connections, value_name = "N")]
     pub max_connections: usize,
@@ -119,6 +134,28 @@ impl Config {
     /// Parses the process's arguments and environment; exits with clap's message on error.
     pub fn from_args() -> Config {
         Config::parse()
+    }
+
+    /// The request limits these flags set.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_request_line: self.max_request_line,
+            max_head: self.max_header_bytes,
+            max_body: self.max_body_bytes,
+            ..Limits::default()
+        }
+    }
+}
+
+/// A head limit: from 256 bytes (a request line and a Host header) to the ceiling the read
+/// buffer allows.
+fn parse_head_limit(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (256..=limits::MAX_HEAD_CEILING_BYTES).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "invalid byte count {text:?}: expected 256 to {}",
+            limits::MAX_HEAD_CEILING_BYTES
+        )),
     }
 }
 

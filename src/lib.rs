@@ -45,6 +45,7 @@ pub mod listener;
 pub mod log;
 pub mod server;
 pub mod shutdown;
+pub mod systemd;
 pub mod timers;
 
 pub use config::Config;

@@ -55,6 +55,15 @@ impl Listener {
         Ok(Listener { socket, addr })
     }
 
+    /// Adopts a listening socket bound by someone else (systemd's socket activation).
+    pub fn adopt(socket: std::net::TcpListener) -> io::Result<Listener> {
+        socket.set_nonblocking(true)?;
+        socket2::SockRef::from(&socket).set_tcp_nodelay(true)?;
+        let socket = TcpListener::from_std(socket);
+        let addr = socket.local_addr()?;
+        Ok(Listener { socket, addr })
+    }
+
     /// The address actually bound.
     pub fn addr(&self) -> SocketAddr {
         self.addr

@@ -17,6 +17,7 @@ use crate::conn::{Close, Connection, Context, Scratch, Timeouts, Wake, interrupt
 use crate::http::{DateCache, Limits};
 use crate::listener::{ACCEPT_PAUSE, Accept, Listener};
 use crate::shutdown::{Exit, HANDLED_SIGNALS, Phase, Signal, Transition};
+use crate::systemd::{self, Notice};
 use crate::timers::{TimerKey, Timers};
 
 /// Readiness events taken per `poll` call; more simply wait for the next call.
@@ -34,6 +35,9 @@ pub struct Server {
     listener: Option<Listener>,
     /// Accepting is paused until the `AcceptResume` deadline (out of descriptors).
     accept_paused: bool,
+    /// `accept` has failed for want of resources and not succeeded since: one episode, one
+    /// log line (a retry every pause would flood the log).
+    accept_exhausted: bool,
     /// A connection over `--max-connections` was refused and not yet logged as recovered.
     over_limit: bool,
     signals: Signals,
@@ -53,6 +57,12 @@ pub struct Server {
     max_connections: usize,
     next_id: u64,
     addr: SocketAddr,
+    /// The listener came from systemd (socket activation), not from `--host`/`--port`.
+    socket_activated: bool,
+    /// Half of systemd's `WatchdogSec=`, when it is set for this process.
+    watchdog: Option<Duration>,
+    /// The connection count last reported to systemd while draining.
+    reported_draining: Option<usize>,
     env: Environment,
     log: Logger,
 }
@@ -62,7 +72,12 @@ impl Server {
     /// gracefully, so only then is `starting server` logged (by [`Server::run`]).
     pub fn bind(config: &Config, log: Logger) -> io::Result<Server> {
         let poll = Poll::new()?;
-        let mut listener = Listener::bind(SocketAddr::new(config.host, config.port))?;
+        let inherited = systemd::inherited_listener()?;
+        let socket_activated = inherited.is_some();
+        let mut listener = match inherited {
+            Some(socket) => Listener::adopt(socket)?,
+            None => Listener::bind(SocketAddr::new(config.host, config.port))?,
+        };
         poll.registry()
             .register(listener.socket_mut(), LISTENER, Interest::READABLE)?;
         let mut signals = Signals::new(HANDLED_SIGNALS)?;
@@ -73,6 +88,7 @@ impl Server {
             addr: listener.addr(),
             listener: Some(listener),
             accept_paused: false,
+            accept_exhausted: false,
             over_limit: false,
             signals,
             conns: Slab::new(),
@@ -83,7 +99,7 @@ impl Server {
             now: Instant::now(),
             date: DateCache::new(SystemTime::now()),
             app: App::new(config.env, config.healthcheck_delay),
-            limits: Limits::default(),
+            limits: config.limits(),
             timeouts: Timeouts {
                 read: enabled(config.read_timeout),
                 idle: enabled(config.idle_timeout),
@@ -92,6 +108,9 @@ impl Server {
             shutdown_timeout: config.shutdown_timeout,
             max_connections: config.max_connections,
             next_id: 0,
+            socket_activated,
+            watchdog: systemd::watchdog_interval(),
+            reported_draining: None,
             env: config.env,
             log,
         })
@@ -104,7 +123,17 @@ impl Server {
 
     /// Runs the loop until the phase is `Stopped`, and returns how to exit.
     pub fn run(mut self) -> Exit {
+        if self.socket_activated {
+            info!(self.log, "using the listening socket passed by systemd; --host and --port are ignored";
+                  "addr" => %self.addr);
+        }
         info!(self.log, "starting server"; "addr" => %self.addr, "env" => self.env.as_str());
+        self.tell_systemd(Notice::Ready(&format!("serving on {}", self.addr)));
+        if let Some(interval) = self.watchdog {
+            self.tell_systemd(Notice::Watchdog);
+            self.timers
+                .reschedule(TimerKey::Watchdog, None, Some(Instant::now() + interval));
+        }
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         loop {
             if let Phase::Stopped(exit) = self.phase {
@@ -133,6 +162,13 @@ impl Server {
         }
     }
 
+    /// Sends a notice to systemd (nothing happens outside it); a failure is logged, not fatal.
+    fn tell_systemd(&self, notice: Notice<'_>) {
+        if let Err(e) = systemd::notify(notice) {
+            warn!(self.log, "cannot notify systemd"; "error" => %e);
+        }
+    }
+
     /// Accepts until the queue is empty (edge-triggered: one event may stand for many).
     fn accept_ready(&mut self) {
         if self.accept_paused {
@@ -140,11 +176,20 @@ impl Server {
         }
         while let Some(listener) = &self.listener {
             match listener.accept() {
-                Accept::Conn(stream, peer) => self.admit(stream, peer),
+                Accept::Conn(stream, peer) => {
+                    if self.accept_exhausted {
+                        info!(self.log, "accepting again"; "connections" => self.conns.len());
+                        self.accept_exhausted = false;
+                    }
+                    self.admit(stream, peer);
+                }
                 Accept::Empty => return,
                 Accept::Exhausted(e) => {
-                    warn!(self.log, "cannot accept, pausing"; "error" => %e,
-                          "pause_ms" => ACCEPT_PAUSE.as_millis() as u64, "connections" => self.conns.len());
+                    if !self.accept_exhausted {
+                        warn!(self.log, "cannot accept, pausing until descriptors free up"; "error" => %e,
+                              "retry_ms" => ACCEPT_PAUSE.as_millis() as u64, "connections" => self.conns.len());
+                        self.accept_exhausted = true;
+                    }
                     self.accept_paused = true;
                     let resume = self.now + ACCEPT_PAUSE;
                     self.timers
@@ -330,6 +375,9 @@ impl Server {
         self.phase = Phase::Draining { signal, deadline };
         self.timers
             .reschedule(TimerKey::ShutdownDeadline, None, Some(deadline));
+        let open = self.open_connections();
+        self.tell_systemd(Notice::Stopping(&draining_status(open)));
+        self.reported_draining = Some(open);
 
         let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
         for key in keys {
@@ -367,6 +415,13 @@ impl Server {
                     self.accept_paused = false;
                     self.accept_ready();
                 }
+                TimerKey::Watchdog => {
+                    if let Some(interval) = self.watchdog {
+                        self.tell_systemd(Notice::Watchdog);
+                        self.timers
+                            .reschedule(TimerKey::Watchdog, None, Some(self.now + interval));
+                    }
+                }
                 TimerKey::Conn(key) => {
                     if let Some(conn) = self.conns.get_mut(key) {
                         conn.filed_deadline = None;
@@ -379,9 +434,16 @@ impl Server {
 
     /// The drain is over when the last connection has closed: exit at once, no polling interval.
     fn check_drained(&mut self) {
-        if self.phase.is_draining() && self.conns.is_empty() {
+        if !self.phase.is_draining() {
+            return;
+        }
+        if self.conns.is_empty() {
             info!(self.log, "stopped server"; "addr" => %self.addr);
+            self.tell_systemd(Notice::Status("stopped"));
             self.phase = Phase::Stopped(Exit::Clean);
+        } else if self.reported_draining != Some(self.conns.len()) {
+            self.reported_draining = Some(self.conns.len());
+            self.tell_systemd(Notice::Status(&draining_status(self.conns.len())));
         }
     }
 
@@ -408,5 +470,13 @@ impl Server {
             info!(self.log, "connection"; "id" => row.id, "peer" => %row.peer, "state" => row.state,
                   "age_ms" => row.age.as_millis() as u64, "bytes_in" => row.bytes_in, "bytes_out" => row.bytes_out);
         }
+    }
+}
+
+/// The status line `systemctl status` shows while draining.
+fn draining_status(open: usize) -> String {
+    match open {
+        1 => "draining 1 connection".to_string(),
+        n => format!("draining {n} connections"),
     }
 }

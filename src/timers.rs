@@ -11,6 +11,8 @@ pub enum TimerKey {
     ShutdownDeadline,
     /// Accepting resumes after running out of file descriptors.
     AcceptResume,
+    /// Time to tell systemd's watchdog the loop is alive.
+    Watchdog,
     /// A connection's nearest deadline (its read, idle, write or linger timeout, or a handler
     /// becoming ready); the connection itself knows which.
     Conn(usize),

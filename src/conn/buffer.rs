@@ -6,6 +6,9 @@
 /// more than a maximal head, and a 16-deep pipeline of ordinary requests arrives in one read.
 pub const READ_BUFFER_BYTES: usize = 64 * 1024;
 
+// A head at the largest limit an operator may set still fits, with room for what follows it.
+const _: () = assert!(READ_BUFFER_BYTES > crate::http::limits::MAX_HEAD_CEILING_BYTES);
+
 /// A fixed, zero-initialised-once byte buffer filled from the front and consumed from the front.
 pub struct InputBuf {
     data: Box<[u8]>,

@@ -20,6 +20,10 @@ pub const MAX_CHUNK_EXT_BYTES: usize = 1024;
 /// from sending an endless one.
 pub const MAX_TRAILER_BYTES: usize = 8 * 1024;
 
+/// Highest value the request-line and header-section flags accept: a maximal head must fit the
+/// connection's read buffer with room to spare (checked against it at compile time).
+pub const MAX_HEAD_CEILING_BYTES: usize = 48 * 1024;
+
 /// The limits in force for one server; built from the constants above.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {

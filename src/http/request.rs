@@ -70,6 +70,11 @@ pub fn parse_head<'b>(buf: &'b [u8], limits: &Limits) -> Result<Option<Head<'b>>
     if len > limits.max_head {
         return Err(HttpError::HeadersTooLarge);
     }
+    if buf.get(..len).is_some_and(has_bare_lf) {
+        return Err(HttpError::Malformed(
+            "bare LF line ending; lines end in CRLF",
+        ));
+    }
 
     let version = match request.version {
         Some(0) => Version::Http10,
@@ -112,6 +117,18 @@ fn request_line_len(buf: &[u8]) -> Option<usize> {
     let start = buf.iter().position(|&b| b != b'\r' && b != b'\n')?;
     let rest = buf.get(start..)?;
     rest.iter().position(|&b| b == b'\n')
+}
+
+/// A line ending in LF without CR. RFC 9112 §2.2 lets a recipient accept it, but peers that
+/// disagree on it are how a request gets hidden inside another one (request smuggling), so
+/// greenlight rejects it, as it does in chunked framing.
+fn has_bare_lf(head: &[u8]) -> bool {
+    let mut previous = 0u8;
+    head.iter().any(|&b| {
+        let bare = b == b'\n' && previous != b'\r';
+        previous = b;
+        bare
+    })
 }
 
 /// httparse reports any bad version token the same way: 505 for a well-formed `HTTP/x.y`
@@ -322,6 +339,8 @@ mod tests {
         assert!(!head.expects_continue);
     }
 
+    const BARE_LF: HttpError = HttpError::Malformed("bare LF line ending; lines end in CRLF");
+
     #[test]
     fn every_proper_prefix_is_partial() {
         let raw = "POST /v1/healthcheck HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n";
@@ -461,6 +480,9 @@ mod tests {
                 "G(T / HTTP/1.1\r\nHost: x\r\n\r\n",
                 HttpError::Malformed("malformed method"),
             ),
+            ("GET / HTTP/1.1\nHost: x\n\n", BARE_LF),
+            ("GET / HTTP/1.1\r\nHost: x\n\r\n", BARE_LF),
+            ("\nGET / HTTP/1.1\r\nHost: x\r\n\r\n", BARE_LF),
         ];
         for (raw, error) in rows {
             assert_eq!(parse(raw), Err(*error), "{raw:?}");

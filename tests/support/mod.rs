@@ -32,6 +32,15 @@ pub fn spawn_server(args: &[&str]) -> Server {
 
 /// As [`spawn_server`], with extra environment variables.
 pub fn spawn_server_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+    spawn(args, env, None)
+}
+
+/// As [`spawn_server`], with `RLIMIT_NOFILE` set to `nofile` for the child alone.
+pub fn spawn_server_with_fd_limit(args: &[&str], nofile: u64) -> Server {
+    spawn(args, &[], Some(nofile))
+}
+
+fn spawn(args: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> Server {
     let mut command = Command::new(env!("CARGO_BIN_EXE_greenlight"));
     command
         .args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"])
@@ -41,6 +50,23 @@ pub fn spawn_server_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         .stderr(Stdio::piped());
     for (key, value) in env {
         command.env(key, value);
+    }
+    if let Some(nofile) = nofile {
+        use std::os::unix::process::CommandExt;
+        let limit = libc::rlimit {
+            rlim_cur: nofile,
+            rlim_max: nofile,
+        };
+        // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
     }
     let mut child = command.spawn().expect("spawn greenlight");
     let pid = child.id() as i32;
@@ -268,6 +294,15 @@ pub fn exchange(server: &Server, raw: &[u8]) -> Response {
 
 /// A GET of the healthcheck.
 pub const HEALTHCHECK: &[u8] = b"GET /v1/healthcheck HTTP/1.1\r\nHost: localhost\r\n\r\n";
+
+/// Seconds of CPU (user + system) the process has used so far.
+pub fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    let after_name = stat.rsplit_once(')').expect("comm field").1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
 
 /// Reads until EOF; `Ok(bytes)` when the peer closed cleanly, `Err` on reset or timeout.
 pub fn read_to_close(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
