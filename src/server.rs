@@ -279,7 +279,9 @@ impl Server {
             return;
         };
         let result = match result {
-            Ok(()) if draining && conn.is_idle() => Err(Close::Draining),
+            Ok(()) if draining && conn.is_idle() && !conn.held_as_fresh(self.now) => {
+                Err(Close::Draining)
+            }
             other => other,
         };
         if let Err(reason) = result {
@@ -367,8 +369,12 @@ impl Server {
         info!(self.log, "shutting down server"; "signal" => signal.name(),
               "connections" => self.open_connections(),
               "timeout_ms" => self.shutdown_timeout.as_millis() as u64);
-        self.accept_paused = false;
-        self.accept_ready();
+        // Our own listener: take what is queued, since closing it resets those connections.
+        // systemd's: leave the queue to the next process (systemd keeps the socket open).
+        if !self.socket_activated {
+            self.accept_paused = false;
+            self.accept_ready();
+        }
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(listener.socket_mut());
         }

@@ -26,6 +26,13 @@ pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most bytes discarded while lingering: a client still streaming a large body is cut off.
 pub const LINGER_MAX_BYTES: usize = 1024 * 1024;
 
+/// How long a drain keeps a connection that has not sent a byte yet, counted from its accept.
+/// A client writes its request right after the handshake completes, so a connection accepted
+/// a moment before the signal usually has its request in flight: closing it at once loses
+/// that request (the restart test under socket activation saw this). Go waits 5 s for such
+/// connections; 50 ms covers the gap without holding a drain open.
+pub const FRESH_CONNECTION_GRACE: Duration = Duration::from_millis(50);
+
 /// Why a connection was closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Close {
@@ -118,6 +125,8 @@ pub struct Connection {
     pub filed_deadline: Option<Instant>,
     /// Closed during this batch of events; the slot is freed after it.
     closed: bool,
+    /// Draining, and not a byte sent yet: kept until then in case its request is in flight.
+    fresh_until: Option<Instant>,
 }
 
 /// One row of the SIGQUIT connection table.
@@ -158,7 +167,18 @@ impl Connection {
             interest: Interest::READABLE,
             filed_deadline: None,
             closed: false,
+            fresh_until: None,
         }
+    }
+
+    /// While draining: is this idle connection too fresh to close? True for one that has not
+    /// sent a byte and was accepted less than [`FRESH_CONNECTION_GRACE`] ago; it is then held
+    /// (with a deadline) until that grace ends.
+    pub fn held_as_fresh(&mut self, now: Instant) -> bool {
+        let until = self.accepted_at + FRESH_CONNECTION_GRACE;
+        let fresh = self.bytes_in == 0 && now < until;
+        self.fresh_until = fresh.then_some(until);
+        fresh
     }
 
     /// Closed, waiting for its slot to be freed: events for it are ignored.
@@ -212,10 +232,10 @@ impl Connection {
     pub fn deadline(&self) -> Option<Instant> {
         match self.writing {
             Writing::Lingering { until, .. } => Some(until),
-            Writing::Open => match (self.machine.deadline(), self.write_deadline) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            },
+            Writing::Open => [self.machine.deadline(), self.write_deadline, self.fresh_until]
+                .into_iter()
+                .flatten()
+                .min(),
         }
     }
 
