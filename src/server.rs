@@ -366,9 +366,6 @@ impl Server {
     /// what every connection has pending, close the idle ones, let the active ones finish.
     fn begin_drain(&mut self, signal: Signal) {
         let deadline = self.now + self.shutdown_timeout;
-        info!(self.log, "shutting down server"; "signal" => signal.name(),
-              "connections" => self.open_connections(),
-              "timeout_ms" => self.shutdown_timeout.as_millis() as u64);
         // Our own listener: take what is queued, since closing it resets those connections.
         // systemd's: leave the queue to the next process (systemd keeps the socket open).
         if !self.socket_activated {
@@ -378,6 +375,10 @@ impl Server {
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(listener.socket_mut());
         }
+        // Logged once the listener is closed: from this line on, new connections are refused.
+        info!(self.log, "shutting down server"; "signal" => signal.name(),
+              "connections" => self.open_connections(),
+              "timeout_ms" => self.shutdown_timeout.as_millis() as u64);
         self.phase = Phase::Draining { signal, deadline };
         self.timers
             .reschedule(TimerKey::ShutdownDeadline, None, Some(deadline));

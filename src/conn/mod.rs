@@ -232,10 +232,14 @@ impl Connection {
     pub fn deadline(&self) -> Option<Instant> {
         match self.writing {
             Writing::Lingering { until, .. } => Some(until),
-            Writing::Open => [self.machine.deadline(), self.write_deadline, self.fresh_until]
-                .into_iter()
-                .flatten()
-                .min(),
+            Writing::Open => [
+                self.machine.deadline(),
+                self.write_deadline,
+                self.fresh_until,
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
         }
     }
 
@@ -508,4 +512,47 @@ pub fn would_block(error: &io::Error) -> bool {
 /// Not a failure: a signal interrupted the call; retry it (habit 7).
 pub fn interrupted(error: &io::Error) -> bool {
     error.kind() == io::ErrorKind::Interrupted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::App;
+    use crate::config::Environment;
+    use crate::http::Limits;
+
+    #[test]
+    fn a_connection_that_never_spoke_is_held_only_for_the_fresh_grace() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, peer) = listener.accept().unwrap();
+        let app = App::new(Environment::Development, Duration::ZERO);
+        let limits = Limits::default();
+        let timeouts = Timeouts {
+            read: Some(Duration::from_secs(5)),
+            idle: Some(Duration::from_secs(60)),
+            write: Some(Duration::from_secs(10)),
+        };
+        let accepted_at = Instant::now();
+        let cx = Context {
+            now: accepted_at,
+            date: b"Sun, 06 Nov 1994 08:49:37 GMT",
+            app: &app,
+            limits: &limits,
+            timeouts: &timeouts,
+        };
+        let mut conn = Connection::new(1, TcpStream::from_std(accepted), peer, &cx);
+        assert!(conn.is_idle());
+
+        assert!(conn.held_as_fresh(accepted_at + Duration::from_millis(10)));
+        assert_eq!(conn.deadline(), Some(accepted_at + FRESH_CONNECTION_GRACE));
+        assert!(!conn.held_as_fresh(accepted_at + FRESH_CONNECTION_GRACE));
+        assert_eq!(conn.deadline(), Some(accepted_at + Duration::from_secs(5)));
+
+        conn.bytes_in = 1;
+        assert!(
+            !conn.held_as_fresh(accepted_at),
+            "a connection that spoke is not fresh"
+        );
+    }
 }

@@ -1,0 +1,164 @@
+//! The systemd protocols from outside, without systemd: a notify socket of our own, the
+//! watchdog variables, and a listening socket handed over as fd 3 (LISTEN_FDS/LISTEN_PID).
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// A notify socket in a fresh temporary directory.
+fn notify_socket() -> (UnixDatagram, String, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!(
+        "greenlight-notify-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket.set_read_timeout(Some(PROMPTLY)).unwrap();
+    (socket, path.to_string_lossy().into_owned(), dir)
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn next_message(socket: &UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).expect("a notification");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn notify_socket_hears_ready_then_stopping_with_draining_status_then_stopped() {
+    let (socket, path, dir) = notify_socket();
+    let mut server = spawn_server_with_env(
+        &["--healthcheck-delay", "500ms"],
+        &[("NOTIFY_SOCKET", &path)],
+    );
+    let ready = next_message(&socket);
+    assert_eq!(
+        ready,
+        format!("READY=1\nSTATUS=serving on {}\n", server.addr)
+    );
+
+    let mut stream = server.connect();
+    stream.write_all(HEALTHCHECK).unwrap();
+    server.signal(libc::SIGTERM);
+    assert_eq!(
+        next_message(&socket),
+        "STOPPING=1\nSTATUS=draining 1 connection\n"
+    );
+    assert_eq!(read_response(&mut stream).status, 200);
+    assert_eq!(next_message(&socket), "STATUS=stopped\n");
+    assert_eq!(server.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(0));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn watchdog_is_pinged_at_half_the_interval_from_the_loop() {
+    let (socket, path, dir) = notify_socket();
+    let _server = spawn_server_with_env(
+        &[],
+        &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "400000")],
+    );
+    assert!(next_message(&socket).starts_with("READY=1\n"));
+    let mut pings = Vec::new();
+    while pings.len() < 4 {
+        if next_message(&socket) == "WATCHDOG=1\n" {
+            pings.push(Instant::now());
+        }
+    }
+    let spans: Vec<Duration> = pings.windows(2).map(|w| w[1] - w[0]).collect();
+    for span in &spans {
+        assert!(
+            *span >= Duration::from_millis(150) && *span < Duration::from_secs(1),
+            "pings every ~200 ms (half of 400 ms), saw {spans:?}"
+        );
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn watchdog_for_another_pid_is_ignored() {
+    let (socket, path, dir) = notify_socket();
+    let _server = spawn_server_with_env(
+        &[],
+        &[
+            ("NOTIFY_SOCKET", &path),
+            ("WATCHDOG_USEC", "100000"),
+            ("WATCHDOG_PID", "1"),
+        ],
+    );
+    assert!(next_message(&socket).starts_with("READY=1\n"));
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        socket.recv(&mut buf).is_err(),
+        "no WATCHDOG=1 for a watchdog meant for pid 1"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn socket_activation_serves_the_inherited_socket_and_ignores_host_and_port() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fd = listener.as_raw_fd();
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(r#"LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" --host 127.0.0.1 --port 1 --log-format json"#)
+        .arg(env!("CARGO_BIN_EXE_greenlight"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: dup2 is async-signal-safe; fd 3 is where sd_listen_fds(3) starts.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    drop(listener);
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = Vec::new();
+    let started = loop {
+        let line: serde_json::Value =
+            serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        log.push(line.clone());
+        if line["msg"] == "starting server" {
+            break line;
+        }
+    };
+    assert_eq!(
+        started["addr"],
+        addr.to_string(),
+        "serves the inherited socket, not --port 1"
+    );
+    assert!(log.iter().any(|l| l["msg"]
+        == "using the listening socket passed by systemd; --host and --port are ignored"));
+
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(PROMPTLY)).unwrap();
+    stream.write_all(HEALTHCHECK).unwrap();
+    assert_eq!(read_response(&mut stream).status, 200);
+    send_signal(child.id() as i32, libc::SIGTERM);
+    drop(stream);
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
