@@ -48,11 +48,7 @@ pub struct Server {
     timers: Timers,
     phase: Phase,
     scratch: Scratch,
-    now: Instant,
-    date: DateCache,
-    app: App,
-    limits: Limits,
-    timeouts: Timeouts,
+    shared: Shared,
     shutdown_timeout: Duration,
     max_connections: usize,
     next_id: u64,
@@ -65,6 +61,28 @@ pub struct Server {
     reported_draining: Option<usize>,
     env: Environment,
     log: Logger,
+}
+
+/// What every connection reads while it runs: the fixed configuration, and the time and
+/// date of the current wake-up. Kept apart from the connections so both can be borrowed at once.
+struct Shared {
+    now: Instant,
+    date: DateCache,
+    app: App,
+    limits: Limits,
+    timeouts: Timeouts,
+}
+
+impl Shared {
+    fn context(&self) -> Context<'_> {
+        Context {
+            now: self.now,
+            date: self.date.value(),
+            app: &self.app,
+            limits: &self.limits,
+            timeouts: &self.timeouts,
+        }
+    }
 }
 
 impl Server {
@@ -96,14 +114,16 @@ impl Server {
             timers: Timers::new(),
             phase: Phase::Serving,
             scratch: Scratch::default(),
-            now: Instant::now(),
-            date: DateCache::new(SystemTime::now()),
-            app: App::new(config.env, config.healthcheck_delay),
-            limits: config.limits(),
-            timeouts: Timeouts {
-                read: enabled(config.read_timeout),
-                idle: enabled(config.idle_timeout),
-                write: enabled(config.write_timeout),
+            shared: Shared {
+                now: Instant::now(),
+                date: DateCache::new(SystemTime::now()),
+                app: App::new(config.env, config.healthcheck_delay),
+                limits: config.limits(),
+                timeouts: Timeouts {
+                    read: enabled(config.read_timeout),
+                    idle: enabled(config.idle_timeout),
+                    write: enabled(config.write_timeout),
+                },
             },
             shutdown_timeout: config.shutdown_timeout,
             max_connections: config.max_connections,
@@ -147,8 +167,8 @@ impl Server {
                 error!(self.log, "poll failed"; "error" => %e);
                 return Exit::Forced;
             }
-            self.now = Instant::now();
-            self.date.update(SystemTime::now());
+            self.shared.now = Instant::now();
+            self.shared.date.update(SystemTime::now());
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_ready(),
@@ -191,7 +211,7 @@ impl Server {
                         self.accept_exhausted = true;
                     }
                     self.accept_paused = true;
-                    let resume = self.now + ACCEPT_PAUSE;
+                    let resume = self.shared.now + ACCEPT_PAUSE;
                     self.timers
                         .reschedule(TimerKey::AcceptResume, None, Some(resume));
                     return;
@@ -226,13 +246,7 @@ impl Server {
             return;
         }
         self.next_id += 1;
-        let cx = Context {
-            now: self.now,
-            date: self.date.value(),
-            app: &self.app,
-            limits: &self.limits,
-            timeouts: &self.timeouts,
-        };
+        let cx = self.shared.context();
         let conn = entry.insert(Connection::new(self.next_id, stream, peer, &cx));
         debug!(self.log, "accepted"; conn.log_fields());
         let deadline = conn.deadline();
@@ -261,13 +275,7 @@ impl Server {
         if conn.is_closed() {
             return;
         }
-        let cx = Context {
-            now: self.now,
-            date: self.date.value(),
-            app: &self.app,
-            limits: &self.limits,
-            timeouts: &self.timeouts,
-        };
+        let cx = self.shared.context();
         let result = conn.drive(wake, &mut self.scratch, &cx, &self.log);
         self.settle(key, result);
     }
@@ -279,7 +287,7 @@ impl Server {
             return;
         };
         let result = match result {
-            Ok(()) if draining && conn.is_idle() && !conn.held_as_fresh(self.now) => {
+            Ok(()) if draining && conn.is_idle() && !conn.held_as_fresh(self.shared.now) => {
                 Err(Close::Draining)
             }
             other => other,
@@ -365,7 +373,7 @@ impl Server {
     /// Stop accepting (after taking what is queued: closing a listener resets its queue), read
     /// what every connection has pending, close the idle ones, let the active ones finish.
     fn begin_drain(&mut self, signal: Signal) {
-        let deadline = self.now + self.shutdown_timeout;
+        let deadline = self.shared.now + self.shutdown_timeout;
         // Our own listener: take what is queued, since closing it resets those connections.
         // systemd's: leave the queue to the next process (systemd keeps the socket open).
         if !self.socket_activated {
@@ -388,26 +396,12 @@ impl Server {
 
         let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
         for key in keys {
-            let Some(conn) = self.conns.get_mut(key) else {
-                continue;
-            };
-            if conn.is_closed() {
-                continue;
-            }
-            let cx = Context {
-                now: self.now,
-                date: self.date.value(),
-                app: &self.app,
-                limits: &self.limits,
-                timeouts: &self.timeouts,
-            };
-            let result = conn.begin_drain(&mut self.scratch, &cx, &self.log);
-            self.settle(key, result);
+            self.drive(key, Wake::Drain);
         }
     }
 
     fn expire_timers(&mut self) {
-        while let Some(key) = self.timers.pop_expired(self.now) {
+        while let Some(key) = self.timers.pop_expired(self.shared.now) {
             match key {
                 TimerKey::ShutdownDeadline => {
                     if self.phase.is_draining() {
@@ -425,8 +419,11 @@ impl Server {
                 TimerKey::Watchdog => {
                     if let Some(interval) = self.watchdog {
                         self.tell_systemd(Notice::Watchdog);
-                        self.timers
-                            .reschedule(TimerKey::Watchdog, None, Some(self.now + interval));
+                        self.timers.reschedule(
+                            TimerKey::Watchdog,
+                            None,
+                            Some(self.shared.now + interval),
+                        );
                     }
                 }
                 TimerKey::Conn(key) => {
@@ -473,7 +470,7 @@ impl Server {
         warn!(self.log, "dumping connection table and quitting without draining";
               "signal" => signal.name(), "connections" => self.open_connections());
         for (_, conn) in self.conns.iter().filter(|(_, conn)| !conn.is_closed()) {
-            let row = conn.snapshot(self.now);
+            let row = conn.snapshot(self.shared.now);
             info!(self.log, "connection"; "id" => row.id, "peer" => %row.peer, "state" => row.state,
                   "age_ms" => row.age.as_millis() as u64, "bytes_in" => row.bytes_in, "bytes_out" => row.bytes_out);
         }

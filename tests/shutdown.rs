@@ -56,10 +56,7 @@ fn new_connections_are_refused_while_draining() {
     let mut server = spawn_server(&["--healthcheck-delay", "3s"]);
     let mut busy = server.connect();
     busy.write_all(HEALTHCHECK).unwrap();
-    server.signal(libc::SIGTERM);
-    server
-        .wait_for_log("shutting down server", PROMPTLY)
-        .unwrap();
+    server.terminate();
     let refused = TcpStream::connect(server.addr);
     assert_eq!(
         refused.map_err(|e| e.kind()).err(),
@@ -109,10 +106,7 @@ fn half_a_request_on_a_keep_alive_connection_completes_during_the_drain() {
         .unwrap();
     // No need to wait for the loop to read it: the drain reads what every connection has
     // pending before it decides which ones are idle.
-    server.signal(libc::SIGTERM);
-    server
-        .wait_for_log("shutting down server", PROMPTLY)
-        .unwrap();
+    server.terminate();
     assert!(
         server.still_running_after(Duration::from_millis(200)),
         "the half request holds the drain"
@@ -129,10 +123,7 @@ fn exit_follows_the_last_close_at_once() {
     let mut server = spawn_server(&["--healthcheck-delay", "1s"]);
     let mut stream = server.connect();
     stream.write_all(HEALTHCHECK).unwrap();
-    server.signal(libc::SIGTERM);
-    server
-        .wait_for_log("shutting down server", PROMPTLY)
-        .unwrap();
+    server.terminate();
     read_response(&mut stream);
     let answered = Instant::now();
     assert_eq!(server.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(0));
@@ -148,10 +139,7 @@ fn shutdown_deadline_forces_close_logs_error_and_exits_1() {
     let mut server = spawn_server(&["--healthcheck-delay", "30s", "--shutdown-timeout", "500ms"]);
     let mut stream = server.connect();
     stream.write_all(HEALTHCHECK).unwrap();
-    server.signal(libc::SIGTERM);
-    server
-        .wait_for_log("shutting down server", PROMPTLY)
-        .unwrap();
+    server.terminate();
     assert_eq!(server.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(1));
     let log = server.final_log();
     assert!(
@@ -171,10 +159,7 @@ fn second_signal_while_draining_forces_exit_1() {
     let mut server = spawn_server(&["--healthcheck-delay", "30s"]);
     let mut stream = server.connect();
     stream.write_all(HEALTHCHECK).unwrap();
-    server.signal(libc::SIGTERM);
-    server
-        .wait_for_log("shutting down server", PROMPTLY)
-        .unwrap();
+    server.terminate();
     let second = Instant::now();
     server.signal(libc::SIGINT);
     assert_eq!(server.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(1));

@@ -77,6 +77,9 @@ pub enum Wake {
     Io,
     /// The connection's deadline passed.
     Timer,
+    /// The drain began: read what the peer has already sent and mark where the input stood
+    /// before answering anything, so exactly the requests sent before the signal are answered.
+    Drain,
 }
 
 /// What the write side is doing.
@@ -260,6 +263,12 @@ impl Connection {
         if wake == Wake::Timer && self.write_deadline.is_some_and(|d| d <= cx.now) {
             return Err(Close::WriteTimeout);
         }
+        if wake == Wake::Drain {
+            if !self.machine.is_done() {
+                self.read_pending(&mut scratch.input)?;
+            }
+            self.machine.begin_drain(self.bytes_in);
+        }
 
         // Borrow the scratch buffers; a connection keeps bytes only while something is split.
         scratch.input.load(&self.input);
@@ -312,35 +321,23 @@ impl Connection {
         Ok(())
     }
 
-    /// The drain began: reads what the peer has already sent, marks where the input stood (so
-    /// exactly the requests sent before the signal are answered), then carries on as usual.
-    pub fn begin_drain(
-        &mut self,
-        scratch: &mut Scratch,
-        cx: &Context<'_>,
-        log: &Logger,
-    ) -> Result<(), Close> {
-        if self.writing == Writing::Open && !self.machine.is_done() {
-            scratch.input.load(&self.input);
-            loop {
-                if scratch.input.is_full() {
+    /// Reads what the peer has already sent into the carried input, without answering it.
+    fn read_pending(&mut self, scratch: &mut InputBuf) -> Result<(), Close> {
+        scratch.load(&self.input);
+        while !scratch.is_full() {
+            match self.read_some(scratch) {
+                Ok(ReadOutcome::Data { .. }) => {}
+                Ok(ReadOutcome::Eof) => {
+                    self.read_eof = true;
                     break;
                 }
-                match self.read_some(&mut scratch.input) {
-                    Ok(ReadOutcome::Data { .. }) => {}
-                    Ok(ReadOutcome::Eof) => {
-                        self.read_eof = true;
-                        break;
-                    }
-                    Ok(ReadOutcome::WouldBlock) => break,
-                    Err(e) => return Err(Close::Failed(e.kind())),
-                }
+                Ok(ReadOutcome::WouldBlock) => break,
+                Err(e) => return Err(Close::Failed(e.kind())),
             }
-            self.input = scratch.input.filled().to_vec();
-            scratch.input.load(&[]);
         }
-        self.machine.begin_drain(self.bytes_in);
-        self.drive(Wake::Io, scratch, cx, log)
+        self.input = scratch.filled().to_vec();
+        scratch.load(&[]);
+        Ok(())
     }
 
     /// The loop of one wake-up: answer what is buffered, write, read more, until WouldBlock.

@@ -120,6 +120,14 @@ impl Server {
         send_signal(self.pid, signal);
     }
 
+    /// Sends SIGTERM and waits for `shutting down server`: from then on the drain is under way
+    /// and the listener is closed.
+    pub fn terminate(&mut self) {
+        self.signal(libc::SIGTERM);
+        self.wait_for_log("shutting down server", PROMPTLY)
+            .expect("the drain begins");
+    }
+
     /// Waits for a log line whose `msg` is `msg` (lines seen before count too).
     pub fn wait_for_log(&mut self, msg: &str, timeout: Duration) -> Option<Value> {
         let end = Instant::now() + timeout;
