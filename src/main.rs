@@ -1,4 +1,10 @@
 //! The greenlight binary: Config -> logger -> Server::bind -> run -> exit status.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 use std::process::ExitCode;
 

@@ -110,6 +110,20 @@ fn protocol_errors_are_json_and_close_the_connection() {
         ("expectation", b"GET / HTTP/1.1\r\nHost: x\r\nExpect: something\r\n\r\n".to_vec(), 417),
         ("http/2.0", b"GET /v1/healthcheck HTTP/2.0\r\nHost: x\r\n\r\n".to_vec(), 505),
         ("http/1.2", b"GET /v1/healthcheck HTTP/1.2\r\nHost: x\r\n\r\n".to_vec(), 505),
+        ("TE.CL", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n".to_vec(), 400),
+        ("TE.TE chunked, identity", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n".to_vec(), 400),
+        ("TE.TE two headers", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n".to_vec(), 400),
+        ("TE.TE space before colon", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n".to_vec(), 400),
+        ("TE.TE tab before colon", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding\t: chunked\r\n\r\n0\r\n\r\n".to_vec(), 400),
+        ("TE gzip, chunked", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n".to_vec(), 501),
+        ("LF-only last chunk hides a request", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\n\nGET /v1/healthcheck HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), 400),
+        ("LF-only head", b"GET /v1/healthcheck HTTP/1.1\nHost: x\n\n".to_vec(), 400),
+        ("obsolete line folding", b"GET / HTTP/1.1\r\nHost: x\r\nX-A: b\r\n c\r\n\r\n".to_vec(), 400),
+        ("CL with space inside", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1 0\r\n\r\n".to_vec(), 400),
+        ("CL overflow", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 184467440737095516160\r\n\r\n".to_vec(), 400),
+        ("chunk size overflow", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000000\r\n".to_vec(), 400),
+        ("endless chunk extension", format!("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1;{}", "e".repeat(2000)).into_bytes(), 400),
+        ("two hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".to_vec(), 400),
     ];
     for (name, raw, status) in rows {
         let mut stream = server.connect();
@@ -279,4 +293,48 @@ fn a_pipeline_deeper_than_the_output_backlog_is_answered_completely() {
         assert_eq!(response.status, 200);
     }
     handle.join().unwrap().unwrap();
+}
+
+#[test]
+fn limit_flags_tune_414_431_and_413() {
+    let server = spawn_server(&[
+        "--max-request-line",
+        "300",
+        "--max-header-bytes",
+        "1024",
+        "--max-body-bytes",
+        "10",
+    ]);
+    let rows: Vec<(Vec<u8>, u16)> = vec![
+        (
+            format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(300)).into_bytes(),
+            414,
+        ),
+        (
+            format!(
+                "GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n",
+                "b".repeat(1100)
+            )
+            .into_bytes(),
+            431,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n".to_vec(),
+            413,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nb\r\n".to_vec(),
+            413,
+        ),
+    ];
+    for (raw, status) in rows {
+        let response = exchange(&server, &raw);
+        assert_json_error(&response, status);
+    }
+    // Just under each limit is fine.
+    let ok = format!(
+        "POST /v1/{} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789",
+        "a".repeat(200)
+    );
+    assert_eq!(exchange(&server, ok.as_bytes()).status, 404);
 }
