@@ -89,8 +89,9 @@ impl Server {
     /// Binds the listener and installs the signal handlers; after this a signal is handled
     /// gracefully, so only then is `starting server` logged (by [`Server::run`]).
     pub fn bind(config: &Config, log: Logger) -> io::Result<Server> {
-        let poll = Poll::new()?;
+        // First, before any descriptor is opened (fd 3 must be systemd's, not our epoll's).
         let inherited = systemd::inherited_listener()?;
+        let poll = Poll::new()?;
         let socket_activated = inherited.is_some();
         let mut listener = match inherited {
             Some(socket) => Listener::adopt(socket)?,

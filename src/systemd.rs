@@ -10,15 +10,23 @@ use sd_notify::NotifyState;
 use socket2::{Socket, Type};
 
 /// The listening socket systemd passed (`LISTEN_FDS`/`LISTEN_PID` naming this process), if any.
+/// Call it before opening any descriptor: fd 3 must still be the one systemd passed (if it
+/// was closed, the next descriptor opened would take its number).
 /// systemd keeps its own copy: connections that arrive while the service restarts wait in its
 /// queue for the next process. So this socket is never `shutdown()`, only closed.
 pub fn inherited_listener() -> io::Result<Option<std::net::TcpListener>> {
-    let mut fds = sd_notify::listen_fds()?;
+    // LISTEN_FDS is input from the environment: sd_notify checks each descriptor is open.
+    let mut fds = sd_notify::listen_fds().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("LISTEN_FDS names a descriptor that is not usable: {e}"),
+        )
+    })?;
     let Some(fd) = fds.next() else {
         return Ok(None);
     };
-    // SAFETY: systemd passed this descriptor to this process (LISTEN_PID matched) and nothing
-    // else in the process owns it.
+    // SAFETY: systemd passed this open descriptor to this process (LISTEN_PID matched) and
+    // nothing else in the process owns it.
     let socket = Socket::from(unsafe { OwnedFd::from_raw_fd(fd) });
     if socket.r#type()? != Type::STREAM || !socket.is_listener()? {
         return Err(io::Error::new(

@@ -125,10 +125,16 @@ fn socket_activation_serves_the_inherited_socket_and_ignores_host_and_port() {
         .arg(env!("CARGO_BIN_EXE_greenlight"))
         .stdin(Stdio::null())
         .stderr(Stdio::piped());
-    // SAFETY: dup2 is async-signal-safe; fd 3 is where sd_listen_fds(3) starts.
+    // SAFETY: dup2 and fcntl are async-signal-safe; fd 3 is where sd_listen_fds(3) starts.
+    // When the listener already is fd 3, dup2 is a no-op that would leave it close-on-exec.
     unsafe {
         command.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            let result = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if result < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -139,8 +145,9 @@ fn socket_activation_serves_the_inherited_socket_and_ignores_host_and_port() {
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut log = Vec::new();
     let started = loop {
+        let text = lines.next().expect("a log line").unwrap();
         let line: serde_json::Value =
-            serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
         log.push(line.clone());
         if line["msg"] == "starting server" {
             break line;
@@ -161,4 +168,25 @@ fn socket_activation_serves_the_inherited_socket_and_ignores_host_and_port() {
     send_signal(child.id() as i32, libc::SIGTERM);
     drop(stream);
     assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn listen_fds_naming_a_closed_descriptor_fails_to_start_cleanly() {
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(r#"exec 3>&-; LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" --log-format json"#)
+        .arg(env!("CARGO_BIN_EXE_greenlight"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "a clear start-up failure, not an abort"
+    );
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        text.contains("cannot start server") && text.contains("LISTEN_FDS"),
+        "{text}"
+    );
 }

@@ -484,6 +484,21 @@ impl Connection {
     }
 }
 
+/// Only what matters when reading a dump: who, in what state, how long, how much.
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.id)
+            .field("peer", &self.peer)
+            .field("state", &self.snapshot(Instant::now()).state)
+            .field("bytes_in", &self.bytes_in)
+            .field("bytes_out", &self.bytes_out)
+            .field("carried_in", &self.input.len())
+            .field("carried_out", &self.output.len())
+            .finish()
+    }
+}
+
 /// `conn` and `peer` fields of a connection's log lines.
 pub struct ConnFields {
     id: u64,
