@@ -1,10 +1,12 @@
-//! The slog root logger: human-readable (slog-term) or one JSON object per line (slog-json),
+//! The slog root logger: human-readable (slog-term) or one JSON object per line (slog-json,
+//! with `msg`, `level` spelled out as INFO/WARNING/ERROR/CRITICAL/DEBUG, and an RFC 3339 `ts`),
 //! both on stderr, line-buffered so a line is never split across writes.
 
 use std::io::LineWriter;
 use std::sync::Mutex;
 
-use slog::{Drain, Level, LevelFilter, Logger, o};
+use slog::{Drain, FnValue, Level, LevelFilter, Logger, PushFnValue, Record, o};
+use time::format_description::well_known::Rfc3339;
 
 use crate::config::{LogFormat, LogLevel};
 
@@ -19,9 +21,16 @@ pub fn root(format: LogFormat, level: LogLevel) -> Logger {
     let stderr = || LineWriter::new(std::io::stderr());
     match format {
         LogFormat::Json => {
+            // slog-json's default keys spell levels short ("ERRO"); operators grep for ERROR.
             let drain = slog_json::Json::new(stderr())
                 .set_newlines(true)
-                .add_default_keys()
+                .add_key_value(o!(
+                    "ts" => FnValue(|_: &Record| {
+                        time::OffsetDateTime::now_utc().format(&Rfc3339).ok()
+                    }),
+                    "level" => FnValue(|record: &Record| record.level().as_str()),
+                    "msg" => PushFnValue(|record: &Record, serializer| serializer.emit(record.msg())),
+                ))
                 .build();
             finish(drain, level)
         }

@@ -473,7 +473,7 @@ impl Server {
         for (_, conn) in self.conns.iter().filter(|(_, conn)| !conn.is_closed()) {
             let row = conn.snapshot(self.shared.now);
             info!(self.log, "connection"; "id" => row.id, "peer" => %row.peer, "state" => row.state,
-                  "age_ms" => row.age.as_millis() as u64, "bytes_in" => row.bytes_in, "bytes_out" => row.bytes_out);
+                  "age" => format_args!("{:.3?}", row.age), "age_ms" => row.age.as_millis() as u64, "bytes_in" => row.bytes_in, "bytes_out" => row.bytes_out);
         }
     }
 }

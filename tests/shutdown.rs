@@ -143,7 +143,7 @@ fn shutdown_deadline_forces_close_logs_error_and_exits_1() {
     assert_eq!(server.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(1));
     let log = server.final_log();
     assert!(
-        log.iter().any(|l| l["level"] == "ERRO"),
+        log.iter().any(|l| l["level"] == "ERROR"),
         "an ERROR line: {log:?}"
     );
     assert!(!log.iter().any(|l| l["msg"] == "stopped server"));
@@ -169,7 +169,7 @@ fn second_signal_while_draining_forces_exit_1() {
         second.elapsed()
     );
     let log = server.final_log();
-    assert!(log.iter().any(|l| l["level"] == "ERRO"), "{log:?}");
+    assert!(log.iter().any(|l| l["level"] == "ERROR"), "{log:?}");
     drop(stream);
 }
 
@@ -197,6 +197,10 @@ fn sigquit_dumps_the_connection_table_and_exits_2_without_draining() {
     assert_eq!(busy["state"], "handling");
     assert!(
         busy["bytes_in"].as_u64() == Some(HEALTHCHECK.len() as u64),
+        "{busy}"
+    );
+    assert!(
+        busy["age"].as_str().is_some_and(|age| age.ends_with('s')),
         "{busy}"
     );
     for field in ["id", "age_ms", "bytes_out"] {
