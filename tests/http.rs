@@ -338,3 +338,31 @@ fn limit_flags_tune_414_431_and_413() {
     );
     assert_eq!(exchange(&server, ok.as_bytes()).status, 404);
 }
+
+#[test]
+fn a_request_followed_by_a_half_close_is_still_answered() {
+    let server = spawn_server(&[]);
+    let mut stream = server.connect();
+    stream.write_all(HEALTHCHECK).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let response = read_response(&mut stream);
+    assert_eq!(response.status, 200);
+    // Whether the FIN arrived before the answer was encoded (then it says close) is a race;
+    // either way the server closes once it sees it.
+    assert!(read_to_close(&mut stream).unwrap().is_empty());
+}
+
+#[test]
+fn serves_ipv6_loopback() {
+    let Ok(probe) = std::net::TcpListener::bind("[::1]:0") else {
+        return; // no IPv6 on this machine: nothing to check
+    };
+    drop(probe);
+    let mut server = spawn_server(&["--host", "::1"]);
+    let started = server.wait_for_log("starting server", PROMPTLY).unwrap();
+    assert!(
+        started["addr"].as_str().unwrap().starts_with("[::1]:"),
+        "{started}"
+    );
+    assert_eq!(exchange(&server, HEALTHCHECK).status, 200);
+}

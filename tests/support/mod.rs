@@ -24,8 +24,8 @@ pub struct Server {
     exited: Option<ExitStatus>,
 }
 
-/// Spawns the binary with `--host 127.0.0.1 --port 0 --log-format json` plus `args`, and waits
-/// for its `starting server` line.
+/// Spawns the binary with `--host 127.0.0.1 --port 0 --log-format json` plus `args` (which may
+/// name another `--host`), and waits for its `starting server` line.
 pub fn spawn_server(args: &[&str]) -> Server {
     spawn_server_with_env(args, &[])
 }
@@ -42,8 +42,11 @@ pub fn spawn_server_with_fd_limit(args: &[&str], nofile: u64) -> Server {
 
 fn spawn(args: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> Server {
     let mut command = Command::new(env!("CARGO_BIN_EXE_greenlight"));
+    if !args.contains(&"--host") {
+        command.args(["--host", "127.0.0.1"]);
+    }
     command
-        .args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"])
+        .args(["--port", "0", "--log-format", "json"])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
