@@ -86,20 +86,28 @@ fn flags_come_from_the_environment_too() {
     assert_eq!(response.json()["system_info"]["environment"], "production");
 }
 
-#[test]
-fn log_format_from_the_environment_selects_json() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_greenlight"))
+/// The first line the server logs when started on 127.0.0.1:0 with `env` set (no --log-format).
+fn first_log_line(env: &[(&str, &str)]) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_greenlight"));
+    command
         .args(["--host", "127.0.0.1", "--port", "0"])
-        .env("GREENLIGHT_LOG_FORMAT", "json")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().unwrap();
     let mut first = String::new();
     BufReader::new(child.stderr.take().unwrap())
         .read_line(&mut first)
         .unwrap();
     send_signal(child.id() as i32, libc::SIGKILL);
     child.wait().unwrap();
+    first
+}
+
+#[test]
+fn log_format_from_the_environment_selects_json() {
+    let first = first_log_line(&[("GREENLIGHT_LOG_FORMAT", "json")]);
     let line: serde_json::Value = serde_json::from_str(&first).expect("a JSON line");
     assert_eq!(line["msg"], "starting server");
     assert_eq!(line["level"], "INFO");
@@ -109,17 +117,7 @@ fn log_format_from_the_environment_selects_json() {
 
 #[test]
 fn term_log_format_is_for_people() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_greenlight"))
-        .args(["--host", "127.0.0.1", "--port", "0"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(child.stderr.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    send_signal(child.id() as i32, libc::SIGKILL);
-    child.wait().unwrap();
+    let first = first_log_line(&[]);
     assert!(first.contains("starting server"), "{first}");
     assert!(first.contains("addr: 127.0.0.1:"), "{first}");
     assert!(serde_json::from_str::<serde_json::Value>(&first).is_err());
