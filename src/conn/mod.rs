@@ -312,6 +312,7 @@ impl Connection {
             // Half-close so the client sees the end of the response, then discard what it
             // still sends (RFC 9112 §9.6: close in stages).
             let _ = self.stream.shutdown(Shutdown::Write);
+            self.input = Vec::new();
             self.writing = Writing::Lingering {
                 until: cx.now + LINGER_TIMEOUT,
                 discarded: 0,
