@@ -384,4 +384,6 @@ impl Machine {
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@ use crate::config::Environment;
 
 const DATE: &[u8] = b"Sun, 06 Nov 1994 08:49:37 GMT";
 
-struct Harness {
+pub(super) struct Harness {
     app: App,
     limits: Limits,
     timeouts: Timeouts,
@@ -13,7 +13,7 @@ struct Harness {
 }
 
 impl Harness {
-    fn new(delay: Duration) -> Harness {
+    pub(super) fn new(delay: Duration) -> Harness {
         Harness {
             app: App::new(Environment::Production, delay),
             limits: Limits::default(),
@@ -26,7 +26,7 @@ impl Harness {
         }
     }
 
-    fn cx(&self) -> Context<'_> {
+    pub(super) fn cx(&self) -> Context<'_> {
         Context {
             now: self.now,
             date: DATE,
@@ -38,7 +38,7 @@ impl Harness {
 
     /// Feeds the chunks one after another the way a connection does (unconsumed bytes stay
     /// buffered in front of the next chunk) and returns everything written.
-    fn feed(&self, machine: &mut Machine, chunks: &[&[u8]]) -> (Vec<u8>, Vec<u8>) {
+    pub(super) fn feed(&self, machine: &mut Machine, chunks: &[&[u8]]) -> (Vec<u8>, Vec<u8>) {
         let mut buffered = Vec::new();
         let mut out = Vec::new();
         for chunk in chunks {

@@ -1,67 +1,26 @@
-//! Property tests: random and mutated requests, split at random points, fed in-process to the
-//! parser and the connection state machine.
+//! Property tests: random and mutated requests, split at random points, fed to the parser and
+//! the connection state machine.
 
-use std::time::{Duration, Instant};
-
-use greenlight::app::App;
-use greenlight::config::Environment;
-use greenlight::conn::{Context, Machine, Timeouts};
-use greenlight::http::Limits;
 use proptest::prelude::*;
 
-const DATE: &[u8] = b"Sun, 06 Nov 1994 08:49:37 GMT";
+use super::tests::Harness;
+use super::*;
 
-struct Fixture {
-    app: App,
-    limits: Limits,
-    timeouts: Timeouts,
-    now: Instant,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        Fixture {
-            app: App::new(Environment::Development, Duration::ZERO),
-            limits: Limits::default(),
-            timeouts: Timeouts {
-                read: Some(Duration::from_secs(5)),
-                idle: Some(Duration::from_secs(60)),
-                write: Some(Duration::from_secs(10)),
-            },
-            now: Instant::now(),
-        }
+/// Feeds `input` cut at `cuts` (positions, any order, may repeat) as a connection would and
+/// returns everything written.
+fn run(input: &[u8], cuts: &[usize]) -> Vec<u8> {
+    let harness = Harness::new(Duration::ZERO);
+    let mut points: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+    points.push(input.len());
+    points.sort_unstable();
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    for end in points {
+        chunks.push(&input[start..end]);
+        start = end;
     }
-
-    fn cx(&self) -> Context<'_> {
-        Context {
-            now: self.now,
-            date: DATE,
-            app: &self.app,
-            limits: &self.limits,
-            timeouts: &self.timeouts,
-        }
-    }
-
-    /// Feeds `input` cut at `cuts` (positions, any order, may repeat) as a connection would:
-    /// unconsumed bytes stay in front of the next piece. Returns everything written.
-    fn run(&self, input: &[u8], cuts: &[usize]) -> Vec<u8> {
-        let mut points: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
-        points.push(input.len());
-        points.sort_unstable();
-        let mut machine = Machine::new(&self.cx());
-        let mut buffered = Vec::new();
-        let mut out = Vec::new();
-        let mut start = 0;
-        for end in points {
-            buffered.extend_from_slice(&input[start..end]);
-            start = end;
-            let before = buffered.len();
-            let step = machine.advance(&buffered, &mut out, &self.cx());
-            assert!(step.consumed <= before);
-            buffered.drain(..step.consumed);
-        }
-        out
-    }
+    let mut machine = Machine::new(&harness.cx());
+    harness.feed(&mut machine, &chunks).0
 }
 
 /// Splits output into responses; panics if it is not a clean sequence of them.
@@ -222,9 +181,8 @@ proptest! {
         (input, count) in pipeline(),
         cuts in proptest::collection::vec(any::<usize>(), 0..8),
     ) {
-        let fixture = Fixture::new();
-        let whole = fixture.run(&input, &[]);
-        let split = fixture.run(&input, &cuts);
+        let whole = run(&input, &[]);
+        let split = run(&input, &cuts);
         prop_assert_eq!(&split, &whole);
         let found = responses(&whole);
         prop_assert_eq!(found.len(), count);
@@ -238,7 +196,7 @@ proptest! {
         cuts in proptest::collection::vec(any::<usize>(), 0..8),
     ) {
         let input = mutate(input, &mutations);
-        let out = Fixture::new().run(&input, &cuts);
+        let out = run(&input, &cuts);
         check_invariants(&input, &out);
     }
 
@@ -247,7 +205,7 @@ proptest! {
         input in proptest::collection::vec(any::<u8>(), 0..512),
         cuts in proptest::collection::vec(any::<usize>(), 0..8),
     ) {
-        let out = Fixture::new().run(&input, &cuts);
+        let out = run(&input, &cuts);
         check_invariants(&input, &out);
     }
 }
