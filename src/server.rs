@@ -388,7 +388,7 @@ impl Server {
         info!(self.log, "shutting down server"; "signal" => signal.name(),
               "connections" => self.open_connections(),
               "timeout_ms" => self.shutdown_timeout.as_millis() as u64);
-        self.phase = Phase::Draining { signal, deadline };
+        self.phase = Phase::Draining { deadline };
         self.timers
             .reschedule(TimerKey::ShutdownDeadline, None, Some(deadline));
         let open = self.open_connections();
@@ -405,7 +405,7 @@ impl Server {
         while let Some(key) = self.timers.pop_expired(self.shared.now) {
             match key {
                 TimerKey::ShutdownDeadline => {
-                    if self.phase.is_draining() {
+                    if self.phase.drain_expired(self.shared.now) {
                         error!(self.log, "shutdown deadline passed with connections still open, forcing them closed";
                                "connections" => self.open_connections(),
                                "timeout_ms" => self.shutdown_timeout.as_millis() as u64);

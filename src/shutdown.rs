@@ -71,9 +71,7 @@ pub enum Phase {
     /// Not accepting; in-flight requests finish until `deadline`. Leaves to `Stopped`: clean
     /// when the last connection closes, forced at the deadline or on a second signal.
     Draining {
-        /// The signal that began the drain.
-        signal: Signal,
-        /// When connections still open are force-closed.
+        /// When connections still open are force-closed (the timer set only wakes the loop).
         deadline: Instant,
     },
     /// The loop returns this exit. Terminal.
@@ -108,6 +106,11 @@ impl Phase {
     pub fn is_draining(self) -> bool {
         matches!(self, Phase::Draining { .. })
     }
+
+    /// Draining, and the grace period is over at `now`.
+    pub fn drain_expired(self, now: Instant) -> bool {
+        matches!(self, Phase::Draining { deadline } if deadline <= now)
+    }
 }
 
 #[cfg(test)]
@@ -117,7 +120,6 @@ mod tests {
     #[test]
     fn signal_transitions() {
         let draining = Phase::Draining {
-            signal: Signal::Term,
             deadline: Instant::now(),
         };
         let rows = [
@@ -136,6 +138,18 @@ mod tests {
         for (phase, signal, expected) in rows {
             assert_eq!(phase.on_signal(signal), expected, "{phase:?} + {signal:?}");
         }
+    }
+
+    #[test]
+    fn the_drain_expires_at_its_deadline_only() {
+        let now = Instant::now();
+        let draining = Phase::Draining {
+            deadline: now + std::time::Duration::from_secs(1),
+        };
+        assert!(!draining.drain_expired(now));
+        assert!(draining.drain_expired(now + std::time::Duration::from_secs(1)));
+        assert!(!Phase::Serving.drain_expired(now + std::time::Duration::from_secs(9)));
+        assert!(!Phase::Stopped(Exit::Clean).drain_expired(now));
     }
 
     #[test]

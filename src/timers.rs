@@ -60,11 +60,13 @@ impl Timers {
     }
 
     /// Number of deadlines held.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
     /// No deadline is held.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

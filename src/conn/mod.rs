@@ -50,8 +50,6 @@ pub enum Close {
     Draining,
     /// Force-closed: the shutdown deadline passed or a second signal arrived.
     Forced,
-    /// Over `--max-connections` on accept.
-    OverLimit,
 }
 
 impl Close {
@@ -65,7 +63,6 @@ impl Close {
             Close::Failed(_) => "socket error",
             Close::Draining => "idle at shutdown",
             Close::Forced => "forced",
-            Close::OverLimit => "over max connections",
         }
     }
 }
