@@ -13,6 +13,44 @@ use crate::http::limits;
 /// the bound is about file descriptors: it stays under the common hard `RLIMIT_NOFILE` of 65536.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 
+/// Most worker loops: far more than the cores of any machine greenlight runs on; a bigger
+/// number is a typo, and each worker costs a thread, an epoll and a wake-up descriptor.
+pub const MAX_WORKERS: usize = 1024;
+
+/// How many worker loops to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    /// One per CPU this process may run on (affinity mask and cgroup quota).
+    Auto,
+    /// Exactly this many (1 to [`MAX_WORKERS`]).
+    Count(usize),
+}
+
+impl Workers {
+    /// The number of workers to start.
+    pub fn resolve(self) -> usize {
+        match self {
+            Workers::Auto => std::thread::available_parallelism()
+                .map_or(1, std::num::NonZeroUsize::get)
+                .min(MAX_WORKERS),
+            Workers::Count(n) => n,
+        }
+    }
+}
+
+/// `auto`, or a worker count from 1 to [`MAX_WORKERS`].
+fn parse_workers(text: &str) -> Result<Workers, String> {
+    if text == "auto" {
+        return Ok(Workers::Auto);
+    }
+    match text.parse::<usize>() {
+        Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(Workers::Count(n)),
+        _ => Err(format!(
+            "invalid worker count {text:?}: expected auto or 1 to {MAX_WORKERS}"
+        )),
+    }
+}
+
 /// The running environment, reported by the healthcheck.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -125,7 +163,12 @@ pub struct Config {
     #[arg(long, env = "GREENLIGHT_MAX_BODY_BYTES", default_value_t = limits::MAX_BODY_BYTES, value_name = "BYTES")]
     pub max_body_bytes: u64,
 
-    /// Connections held at once; a connection over it is closed at once.
+    /// Worker loops (threads), each serving its share of the connections; `auto` runs one per
+    /// CPU this process may use.
+    #[arg(long, env = "GREENLIGHT_WORKERS", default_value = "auto", value_parser = parse_workers, value_name = "N|auto")]
+    pub workers: Workers,
+
+    /// Connections held at once by the whole process; a connection over it is closed at once.
     #[arg(long, env = "GREENLIGHT_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = parse_max_connections, value_name = "N")]
     pub max_connections: usize,
 }
@@ -250,5 +293,24 @@ mod tests {
         assert_eq!(config.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.healthcheck_delay, Duration::ZERO);
         assert_eq!(config.log_format, LogFormat::Term);
+        // From the definition, not a parse: CI runs the suites with GREENLIGHT_WORKERS set.
+        let command = <Config as clap::CommandFactory>::command();
+        let workers = command
+            .get_arguments()
+            .find(|arg| arg.get_id() == "workers")
+            .unwrap();
+        assert_eq!(workers.get_default_values(), ["auto"]);
+    }
+
+    #[test]
+    fn worker_counts_table() {
+        assert_eq!(parse_workers("auto"), Ok(Workers::Auto));
+        assert_eq!(parse_workers("1"), Ok(Workers::Count(1)));
+        assert_eq!(parse_workers("1024"), Ok(Workers::Count(1024)));
+        for bad in ["0", "1025", "-1", "", "two", "Auto", "4 "] {
+            assert!(parse_workers(bad).is_err(), "{bad:?} should be rejected");
+        }
+        assert!(Workers::Auto.resolve() >= 1);
+        assert_eq!(Workers::Count(3).resolve(), 3);
     }
 }

@@ -43,11 +43,13 @@ pub mod conn;
 pub mod http;
 pub mod listener;
 pub mod log;
-pub mod server;
+pub mod mailbox;
 pub mod shutdown;
+pub mod supervisor;
 pub mod systemd;
 pub mod timers;
+pub mod worker;
 
 pub use config::Config;
-pub use server::Server;
 pub use shutdown::Exit;
+pub use supervisor::Supervisor;

@@ -1,4 +1,4 @@
-//! The greenlight binary: Config -> logger -> Server::bind -> run -> exit status.
+//! The greenlight binary: Config -> logger -> Supervisor::bind -> run -> exit status.
 #![deny(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -8,13 +8,13 @@
 
 use std::process::ExitCode;
 
-use greenlight::{Config, Exit, Server, log};
+use greenlight::{Config, Exit, Supervisor, log};
 use slog::crit;
 
 fn main() -> ExitCode {
     let config = Config::from_args();
     let log = log::root(config.log_format, config.log_level);
-    let exit = match Server::bind(&config, log.clone()) {
+    let exit = match Supervisor::bind(&config, log.clone()) {
         Ok(server) => server.run(),
         Err(e) => {
             crit!(log, "cannot start server"; "error" => %e, "host" => %config.host, "port" => config.port);

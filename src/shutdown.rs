@@ -74,6 +74,9 @@ pub enum Phase {
         /// When connections still open are force-closed (the timer set only wakes the loop).
         deadline: Instant,
     },
+    /// Every worker was told to stop at once (`Forced`) or to log its connections (`Quit`);
+    /// the supervisor waits for their answers, a bounded time, then stops with this exit.
+    Ending(Exit),
     /// The loop returns this exit. Terminal.
     Stopped(Exit),
 }
@@ -95,7 +98,7 @@ impl Phase {
     /// The transition a signal causes in this phase.
     pub fn on_signal(self, signal: Signal) -> Transition {
         match (self, signal) {
-            (Phase::Stopped(_), _) => Transition::Ignore,
+            (Phase::Stopped(_) | Phase::Ending(_), _) => Transition::Ignore,
             (_, Signal::Quit) => Transition::DumpAndQuit,
             (Phase::Serving, _) => Transition::BeginDrain,
             (Phase::Draining { .. }, _) => Transition::ForceStop,
@@ -134,6 +137,12 @@ mod tests {
                 Signal::Term,
                 Transition::Ignore,
             ),
+            (
+                Phase::Ending(Exit::Forced),
+                Signal::Term,
+                Transition::Ignore,
+            ),
+            (Phase::Ending(Exit::Quit), Signal::Quit, Transition::Ignore),
         ];
         for (phase, signal, expected) in rows {
             assert_eq!(phase.on_signal(signal), expected, "{phase:?} + {signal:?}");

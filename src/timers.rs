@@ -4,34 +4,29 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-/// What a deadline belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum TimerKey {
-    /// The end of the shutdown grace period.
-    ShutdownDeadline,
-    /// Accepting resumes after running out of file descriptors.
-    AcceptResume,
-    /// Time to tell systemd's watchdog the loop is alive.
-    Watchdog,
-    /// A connection's nearest deadline (its read, idle, write or linger timeout, or a handler
-    /// becoming ready); the connection itself knows which.
-    Conn(usize),
+/// The deadlines of one loop, ordered by time (ties broken by key). `K` names what a deadline
+/// belongs to: each loop (the supervisor's, a worker's) has its own key type.
+#[derive(Debug)]
+pub struct Timers<K> {
+    entries: BTreeSet<(Instant, K)>,
 }
 
-/// The deadlines, ordered by time (ties broken by key).
-#[derive(Debug, Default)]
-pub struct Timers {
-    entries: BTreeSet<(Instant, TimerKey)>,
+impl<K: Ord + Copy> Default for Timers<K> {
+    fn default() -> Self {
+        Timers {
+            entries: BTreeSet::new(),
+        }
+    }
 }
 
-impl Timers {
+impl<K: Ord + Copy> Timers<K> {
     /// An empty set.
-    pub fn new() -> Timers {
+    pub fn new() -> Timers<K> {
         Timers::default()
     }
 
     /// Moves `key` from deadline `old` to `new`; either may be `None`.
-    pub fn reschedule(&mut self, key: TimerKey, old: Option<Instant>, new: Option<Instant>) {
+    pub fn reschedule(&mut self, key: K, old: Option<Instant>, new: Option<Instant>) {
         if old == new {
             return;
         }
@@ -52,7 +47,7 @@ impl Timers {
     }
 
     /// Removes and returns one entry due at or before `now`.
-    pub fn pop_expired(&mut self, now: Instant) -> Option<TimerKey> {
+    pub fn pop_expired(&mut self, now: Instant) -> Option<K> {
         match self.entries.first() {
             Some(&(deadline, _)) if deadline <= now => self.entries.pop_first().map(|(_, key)| key),
             _ => None,
@@ -76,10 +71,16 @@ impl Timers {
 mod tests {
     use super::*;
 
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    enum TimerKey {
+        ShutdownDeadline,
+        Conn(usize),
+    }
+
     #[test]
     fn nearest_deadline_is_the_timeout_and_expires_first() {
         let now = Instant::now();
-        let mut timers = Timers::new();
+        let mut timers = Timers::<TimerKey>::new();
         timers.reschedule(TimerKey::Conn(1), None, Some(now + Duration::from_secs(5)));
         timers.reschedule(TimerKey::Conn(2), None, Some(now + Duration::from_secs(1)));
         timers.reschedule(
@@ -99,7 +100,7 @@ mod tests {
     #[test]
     fn rescheduling_moves_and_removes_entries() {
         let now = Instant::now();
-        let mut timers = Timers::new();
+        let mut timers = Timers::<TimerKey>::new();
         let first = Some(now + Duration::from_secs(1));
         let second = Some(now + Duration::from_secs(2));
         timers.reschedule(TimerKey::Conn(7), None, first);

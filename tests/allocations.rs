@@ -1,5 +1,6 @@
-//! Zero heap allocations per healthcheck request on a warm keep-alive connection, counted by
-//! a global allocator that only counts the server's own thread. A regression fails this test.
+//! Zero heap allocations per healthcheck request on a warm keep-alive connection, in every
+//! worker, counted by a global allocator that counts every thread but the test's client (the
+//! supervisor and the workers). A regression fails this test.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -10,18 +11,18 @@ use std::sync::mpsc::channel;
 use std::thread;
 
 use clap::Parser;
-use greenlight::{Config, Server};
+use greenlight::{Config, Supervisor};
 
 struct CountingAllocator;
 
 static SERVER_ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
-    static IS_SERVER_THREAD: Cell<bool> = const { Cell::new(false) };
+    static IS_CLIENT_THREAD: Cell<bool> = const { Cell::new(false) };
 }
 
 fn count() {
-    if IS_SERVER_THREAD.try_with(Cell::get).unwrap_or(false) {
+    if !IS_CLIENT_THREAD.try_with(Cell::get).unwrap_or(true) {
         SERVER_ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
     }
 }
@@ -74,48 +75,60 @@ fn read_response(stream: &mut TcpStream, head_only: bool) -> Vec<u8> {
     raw
 }
 
+/// Workers in this test: connections are dealt round-robin, so one connection per worker
+/// puts every worker on the hot path.
+const WORKERS: usize = 3;
+
 #[test]
-fn warm_keep_alive_healthcheck_requests_allocate_nothing() {
-    let config =
-        Config::try_parse_from(["greenlight", "--host", "127.0.0.1", "--port", "0"]).unwrap();
+fn warm_keep_alive_healthcheck_requests_allocate_nothing_in_any_worker() {
+    IS_CLIENT_THREAD.with(|flag| flag.set(true));
+    let workers = WORKERS.to_string();
+    let args = ["greenlight", "--host", "127.0.0.1", "--port", "0"];
+    let config = Config::try_parse_from(args.into_iter().chain(["--workers", &workers])).unwrap();
     let log = slog::Logger::root(slog::Discard, slog::o!());
-    let server = Server::bind(&config, log).unwrap();
+    let server = Supervisor::bind(&config, log).unwrap();
     let addr = server.addr();
     let (started_tx, started) = channel();
     thread::spawn(move || {
-        IS_SERVER_THREAD.with(|flag| flag.set(true));
         started_tx.send(()).unwrap();
         server.run();
     });
     started.recv().unwrap();
 
-    let mut stream = TcpStream::connect(addr).unwrap();
-    // Warm up: the scratch buffers and the slab reach their working size.
-    for _ in 0..10 {
-        stream.write_all(GET).unwrap();
-        read_response(&mut stream, false);
-    }
-    stream.write_all(&GET.repeat(16)).unwrap();
-    for _ in 0..16 {
-        read_response(&mut stream, false);
+    let mut streams: Vec<TcpStream> = (0..WORKERS)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    // Warm up: the scratch buffers and the slabs reach their working size.
+    for stream in &mut streams {
+        for _ in 0..10 {
+            stream.write_all(GET).unwrap();
+            read_response(stream, false);
+        }
+        stream.write_all(&GET.repeat(16)).unwrap();
+        for _ in 0..16 {
+            read_response(stream, false);
+        }
     }
 
     let before = SERVER_ALLOCATIONS.load(Ordering::SeqCst);
-    for _ in 0..500 {
-        stream.write_all(GET).unwrap();
-        read_response(&mut stream, false);
-        stream.write_all(HEAD).unwrap();
-        read_response(&mut stream, true);
-    }
-    for _ in 0..50 {
-        stream.write_all(&GET.repeat(16)).unwrap();
-        for _ in 0..16 {
-            read_response(&mut stream, false);
+    for stream in &mut streams {
+        for _ in 0..500 {
+            stream.write_all(GET).unwrap();
+            read_response(stream, false);
+            stream.write_all(HEAD).unwrap();
+            read_response(stream, true);
+        }
+        for _ in 0..50 {
+            stream.write_all(&GET.repeat(16)).unwrap();
+            for _ in 0..16 {
+                read_response(stream, false);
+            }
         }
     }
     let allocations = SERVER_ALLOCATIONS.load(Ordering::SeqCst) - before;
     assert_eq!(
         allocations, 0,
-        "the server thread allocated {allocations} times for 1,800 warm keep-alive requests"
+        "the server's threads allocated {allocations} times for 1,800 warm keep-alive requests \
+         on each of {WORKERS} workers"
     );
 }
