@@ -40,6 +40,7 @@
 pub mod app;
 pub mod config;
 pub mod conn;
+pub mod crew;
 pub mod http;
 pub mod listener;
 pub mod log;

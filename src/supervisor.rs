@@ -5,8 +5,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
@@ -15,14 +13,12 @@ use slog::{Logger, crit, error, info, warn};
 
 use crate::config::{Config, Environment};
 use crate::conn::interrupted;
+use crate::crew::Crew;
 use crate::listener::{ACCEPT_PAUSE, Accept, Listener};
-use crate::mailbox::{
-    Command, Inbox, Outbox, Report, STALL_LIMIT, WAKER, WorkerStats, mailbox, millis_since, stalled,
-};
+use crate::mailbox::{Command, Inbox, Report, STALL_LIMIT, WAKER, mailbox, millis_since};
 use crate::shutdown::{Exit, HANDLED_SIGNALS, Phase, Signal, Transition};
 use crate::systemd::{self, Notice};
 use crate::timers::Timers;
-use crate::worker::{Setup, Worker};
 
 /// Readiness events taken per `poll` call.
 const EVENTS_CAPACITY: usize = 64;
@@ -53,46 +49,6 @@ enum Timer {
     GiveUp,
 }
 
-/// Where a worker is, as far as the supervisor knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WorkerState {
-    /// Spawned; its loop has not reported `Ready` yet.
-    Starting,
-    /// Serving.
-    Serving,
-    /// Told to drain; `open` is its last reported connection count.
-    Draining { open: Option<usize> },
-    /// Logged its connection table (SIGQUIT).
-    Dumped,
-    /// Its loop returned. Terminal.
-    Stopped(Exit),
-}
-
-/// The supervisor's handle on one worker.
-struct WorkerSlot {
-    outbox: Outbox<Command>,
-    stats: Arc<WorkerStats>,
-    /// Connections handed to it, ever.
-    handed: u64,
-    /// Commands were queued since its last wake-up.
-    needs_wake: bool,
-    state: WorkerState,
-    /// Its setup, until its thread is spawned.
-    setup: Option<Setup>,
-}
-
-impl WorkerSlot {
-    /// Connections open in this worker: handed minus closed (may count a few just closing).
-    fn open(&self) -> usize {
-        self.handed.saturating_sub(self.stats.closed()) as usize
-    }
-
-    fn tell(&mut self, command: Command) {
-        self.outbox.send(command);
-        self.needs_wake = false;
-    }
-}
-
 /// The process: the supervisor's loop and the workers it deals connections to.
 pub struct Supervisor {
     poll: Poll,
@@ -106,13 +62,7 @@ pub struct Supervisor {
     over_limit: bool,
     signals: Signals,
     reports: Inbox<Report>,
-    workers: Vec<WorkerSlot>,
-    /// The worker the next connection goes to (round-robin).
-    next_worker: usize,
-    /// Connections handed to workers, ever, and the workers' closed total last read: their
-    /// difference bounds the open count from above without reading every worker per accept.
-    handed: u64,
-    closed_seen: u64,
+    crew: Crew,
     timers: Timers<Timer>,
     phase: Phase,
     now: Instant,
@@ -153,27 +103,7 @@ impl Supervisor {
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let (report_outbox, reports) = mailbox(poll.registry())?;
         let epoch = Instant::now();
-        let mut workers = Vec::new();
-        for index in 0..config.workers.resolve() {
-            let worker_poll = Poll::new()?;
-            let (outbox, inbox) = mailbox(worker_poll.registry())?;
-            let stats = Arc::new(WorkerStats::default());
-            workers.push(WorkerSlot {
-                outbox,
-                stats: stats.clone(),
-                handed: 0,
-                needs_wake: false,
-                state: WorkerState::Starting,
-                setup: Some(Setup {
-                    index,
-                    poll: worker_poll,
-                    inbox,
-                    reports: report_outbox.clone(),
-                    stats,
-                    epoch,
-                }),
-            });
-        }
+        let crew = Crew::prepare(config.workers.resolve(), &report_outbox, epoch)?;
         Ok(Supervisor {
             poll,
             addr: listener.addr(),
@@ -183,10 +113,7 @@ impl Supervisor {
             over_limit: false,
             signals,
             reports,
-            workers,
-            next_worker: 0,
-            handed: 0,
-            closed_seen: 0,
+            crew,
             timers: Timers::new(),
             phase: Phase::Serving,
             now: epoch,
@@ -210,7 +137,7 @@ impl Supervisor {
 
     /// Starts the workers, then runs the loop until the phase is `Stopped`; returns how to exit.
     pub fn run(mut self) -> Exit {
-        if let Err(e) = self.spawn_workers() {
+        if let Err(e) = self.crew.spawn(&self.config, &self.log) {
             crit!(self.log, "cannot start worker threads"; "error" => %e);
             return Exit::Forced;
         }
@@ -222,7 +149,7 @@ impl Supervisor {
                   "addr" => %self.addr);
         }
         info!(self.log, "starting server"; "addr" => %self.addr, "env" => self.env.as_str(),
-              "workers" => self.workers.len());
+              "workers" => self.crew.len());
         self.tell_systemd(Notice::Ready(&format!("serving on {}", self.addr)));
         if let Some(interval) = self.watchdog {
             self.tell_systemd(Notice::Watchdog);
@@ -260,43 +187,11 @@ impl Supervisor {
         }
     }
 
-    /// One named thread per worker (`worker-0` ..), each running its own loop.
-    fn spawn_workers(&mut self) -> io::Result<()> {
-        for slot in &mut self.workers {
-            let Some(setup) = slot.setup.take() else {
-                continue;
-            };
-            let index = setup.index;
-            let farewell = Farewell {
-                index,
-                reports: setup.reports.clone(),
-                said: false,
-            };
-            let config = self.config.clone();
-            let log = self.log.clone();
-            thread::Builder::new()
-                .name(format!("worker-{index}"))
-                .spawn(move || {
-                    let mut farewell = farewell;
-                    let exit = Worker::new(setup, &config, &log).run();
-                    farewell.say(Report::Stopped {
-                        worker: index,
-                        exit,
-                    });
-                })?;
-        }
-        Ok(())
-    }
-
     /// Waits until every worker's loop runs; false (logged) if one ended or none came in time.
     fn await_workers(&mut self) -> bool {
         let give_up = Instant::now() + START_TIMEOUT;
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
-        while self
-            .workers
-            .iter()
-            .any(|slot| slot.state == WorkerState::Starting)
-        {
+        while self.crew.is_starting() {
             let left = give_up.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 crit!(self.log, "worker threads did not start in time");
@@ -311,17 +206,9 @@ impl Supervisor {
                 }
             }
             while let Some(report) = self.reports.next() {
-                match report {
-                    Report::Ready(index) => {
-                        if let Some(slot) = self.workers.get_mut(index) {
-                            slot.state = WorkerState::Serving;
-                        }
-                    }
-                    Report::Stopped { worker, .. } | Report::Gone(worker) => {
-                        crit!(self.log, "worker stopped unexpectedly"; "worker" => worker);
-                        return false;
-                    }
-                    Report::Open { .. } | Report::Dumped(_) => {}
+                if let Some(ended) = self.crew.apply(report) {
+                    crit!(self.log, "worker stopped unexpectedly"; "worker" => ended.worker);
+                    return false;
                 }
             }
         }
@@ -345,7 +232,7 @@ impl Supervisor {
             match listener.accept() {
                 Accept::Conn(stream, peer) => {
                     if self.accept_exhausted {
-                        info!(self.log, "accepting again"; "connections" => self.open_connections());
+                        info!(self.log, "accepting again"; "connections" => self.crew.open());
                         self.accept_exhausted = false;
                     }
                     self.hand_off(stream, peer);
@@ -354,7 +241,7 @@ impl Supervisor {
                 Accept::Exhausted(e) => {
                     if !self.accept_exhausted {
                         warn!(self.log, "cannot accept, pausing until descriptors free up"; "error" => %e,
-                              "retry_ms" => ACCEPT_PAUSE.as_millis() as u64, "connections" => self.open_connections());
+                              "retry_ms" => ACCEPT_PAUSE.as_millis() as u64, "connections" => self.crew.open());
                         self.accept_exhausted = true;
                     }
                     self.accept_paused = true;
@@ -365,16 +252,13 @@ impl Supervisor {
                 }
             }
         }
-        for slot in self.workers.iter_mut().filter(|slot| slot.needs_wake) {
-            slot.outbox.wake();
-            slot.needs_wake = false;
-        }
+        self.crew.wake_dealt();
     }
 
     /// Gives an accepted connection to the next worker, or closes it when the process holds
     /// `--max-connections` already.
     fn hand_off(&mut self, stream: mio::net::TcpStream, peer: SocketAddr) {
-        if self.at_connection_limit() {
+        if self.crew.at_limit(self.max_connections) {
             if !self.over_limit {
                 warn!(self.log, "max connections reached, closing new connections";
                       "max_connections" => self.max_connections);
@@ -384,34 +268,10 @@ impl Supervisor {
             return;
         }
         if self.over_limit {
-            info!(self.log, "below max connections again"; "connections" => self.open_connections());
+            info!(self.log, "below max connections again"; "connections" => self.crew.open());
             self.over_limit = false;
         }
-        let index = self.next_worker % self.workers.len();
-        self.next_worker = index + 1;
-        let Some(slot) = self.workers.get_mut(index) else {
-            return;
-        };
-        slot.outbox.queue(Command::Adopt(stream, peer));
-        slot.handed += 1;
-        slot.needs_wake = true;
-        self.handed += 1;
-    }
-
-    /// The process holds `--max-connections`. Reads the workers' closed counts only when the
-    /// bound kept here says the limit may be reached (once per `max_connections` accepts at most).
-    fn at_connection_limit(&mut self) -> bool {
-        let limit = self.max_connections as u64;
-        if self.handed - self.closed_seen < limit {
-            return false;
-        }
-        self.closed_seen = self.workers.iter().map(|slot| slot.stats.closed()).sum();
-        self.handed - self.closed_seen >= limit
-    }
-
-    /// Connections open across the workers.
-    fn open_connections(&self) -> usize {
-        self.workers.iter().map(WorkerSlot::open).sum()
+        self.crew.deal(stream, peer);
     }
 
     fn on_signals(&mut self) {
@@ -421,7 +281,7 @@ impl Supervisor {
                 Transition::BeginDrain => self.begin_drain(signal),
                 Transition::ForceStop => {
                     error!(self.log, "second signal while draining, forcing shutdown";
-                           "signal" => signal.name(), "connections" => self.draining_connections());
+                           "signal" => signal.name(), "connections" => self.crew.draining_open());
                     self.force_stop();
                 }
                 Transition::DumpAndQuit => self.dump_and_quit(signal),
@@ -443,7 +303,7 @@ impl Supervisor {
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(listener.socket_mut());
         }
-        let open = self.open_connections();
+        let open = self.crew.open();
         // Logged once the listener is closed: from this line on, new connections are refused.
         info!(self.log, "shutting down server"; "signal" => signal.name(),
               "connections" => open, "timeout_ms" => self.shutdown_timeout.as_millis() as u64);
@@ -452,32 +312,20 @@ impl Supervisor {
             .reschedule(Timer::ShutdownDeadline, None, Some(deadline));
         self.tell_systemd(Notice::Stopping(&draining_status(open)));
         self.reported_draining = Some(open);
-        // Each worker gets Drain after every connection dealt to it (one channel, in order).
-        for slot in &mut self.workers {
-            slot.state = WorkerState::Draining { open: None };
-            slot.tell(Command::Drain);
-        }
+        self.crew.drain();
     }
 
     /// The deadline or a second signal: every worker closes everything now; exit 1.
     fn force_stop(&mut self) {
-        for slot in &mut self.workers {
-            if !matches!(slot.state, WorkerState::Stopped(_)) {
-                slot.tell(Command::Force);
-            }
-        }
+        self.crew.tell_all(|| Command::Force);
         self.end_after_answers(Exit::Forced);
     }
 
     /// SIGQUIT: every worker logs its connections; exit 2 without draining.
     fn dump_and_quit(&mut self, signal: Signal) {
         warn!(self.log, "dumping connection table and quitting without draining";
-              "signal" => signal.name(), "connections" => self.open_connections());
-        for slot in &mut self.workers {
-            if !matches!(slot.state, WorkerState::Stopped(_)) {
-                slot.tell(Command::Dump);
-            }
-        }
+              "signal" => signal.name(), "connections" => self.crew.open());
+        self.crew.tell_all(|| Command::Dump);
         self.end_after_answers(Exit::Quit);
     }
 
@@ -491,35 +339,13 @@ impl Supervisor {
 
     fn on_reports(&mut self) {
         while let Some(report) = self.reports.next() {
-            match report {
-                Report::Ready(_) => {}
-                Report::Open { worker, open } => {
-                    if let Some(slot) = self.workers.get_mut(worker)
-                        && matches!(slot.state, WorkerState::Draining { .. })
-                    {
-                        slot.state = WorkerState::Draining { open: Some(open) };
-                    }
-                }
-                Report::Dumped(worker) => {
-                    if let Some(slot) = self.workers.get_mut(worker) {
-                        slot.state = WorkerState::Dumped;
-                    }
-                }
-                Report::Stopped { worker, exit } => {
-                    let expected = !matches!(self.phase, Phase::Serving);
-                    if let Some(slot) = self.workers.get_mut(worker) {
-                        slot.state = WorkerState::Stopped(exit);
-                    }
-                    if !expected {
-                        self.worker_lost(worker);
-                    }
-                }
-                Report::Gone(worker) => {
-                    if let Some(slot) = self.workers.get_mut(worker) {
-                        slot.state = WorkerState::Stopped(Exit::Forced);
-                    }
-                    self.worker_lost(worker);
-                }
+            if let Some(ended) = self.crew.apply(report)
+                && self.phase == Phase::Serving
+            {
+                self.worker_lost(ended.worker);
+            }
+            if let Report::Gone(worker) = report {
+                self.worker_lost(worker);
             }
         }
         self.check_finished();
@@ -531,59 +357,35 @@ impl Supervisor {
             return;
         }
         crit!(self.log, "worker stopped unexpectedly, stopping the process"; "worker" => worker,
-              "connections" => self.open_connections());
+              "connections" => self.crew.open());
         self.force_stop();
     }
 
     /// Moves the phase on once the workers have all answered what was asked of them.
     fn check_finished(&mut self) {
-        let stopped = |state: &WorkerState| matches!(state, WorkerState::Stopped(_));
         match self.phase {
-            Phase::Draining { .. } => {
-                if self.workers.iter().all(|slot| stopped(&slot.state)) {
-                    let clean = self
-                        .workers
-                        .iter()
-                        .all(|slot| slot.state == WorkerState::Stopped(Exit::Clean));
-                    if clean {
-                        info!(self.log, "stopped server"; "addr" => %self.addr);
-                        self.tell_systemd(Notice::Status("stopped"));
-                        self.phase = Phase::Stopped(Exit::Clean);
-                    } else {
-                        self.phase = Phase::Stopped(Exit::Forced);
-                    }
+            Phase::Draining { .. } if self.crew.all_stopped() => {
+                if self.crew.all_clean() {
+                    info!(self.log, "stopped server"; "addr" => %self.addr);
+                    self.tell_systemd(Notice::Status("stopped"));
+                    self.phase = Phase::Stopped(Exit::Clean);
                 } else {
-                    let open = self.draining_connections();
-                    if open > 0 && self.reported_draining != Some(open) {
-                        self.reported_draining = Some(open);
-                        self.tell_systemd(Notice::Status(&draining_status(open)));
-                    }
+                    self.phase = Phase::Stopped(Exit::Forced);
                 }
             }
-            Phase::Ending(exit) => {
-                let answered = |state: &WorkerState| match exit {
-                    Exit::Quit => stopped(state) || *state == WorkerState::Dumped,
-                    _ => stopped(state),
-                };
-                if self.workers.iter().all(|slot| answered(&slot.state)) {
-                    self.phase = Phase::Stopped(exit);
+            Phase::Draining { .. } => {
+                let open = self.crew.draining_open();
+                if open > 0 && self.reported_draining != Some(open) {
+                    self.reported_draining = Some(open);
+                    self.tell_systemd(Notice::Status(&draining_status(open)));
                 }
             }
-            Phase::Serving | Phase::Stopped(_) => {}
+            Phase::Ending(Exit::Quit) if self.crew.all_dumped() => {
+                self.phase = Phase::Stopped(Exit::Quit);
+            }
+            Phase::Ending(exit) if self.crew.all_stopped() => self.phase = Phase::Stopped(exit),
+            Phase::Serving | Phase::Ending(_) | Phase::Stopped(_) => {}
         }
-    }
-
-    /// Connections still open while draining: each worker's last report, or its count
-    /// before it reported.
-    fn draining_connections(&self) -> usize {
-        self.workers
-            .iter()
-            .map(|slot| match slot.state {
-                WorkerState::Draining { open: Some(open) } => open,
-                WorkerState::Stopped(_) => 0,
-                _ => slot.open(),
-            })
-            .sum()
     }
 
     fn expire_timers(&mut self) {
@@ -592,7 +394,7 @@ impl Supervisor {
                 Timer::ShutdownDeadline => {
                     if self.phase.drain_expired(self.now) {
                         error!(self.log, "shutdown deadline passed with connections still open, forcing them closed";
-                               "connections" => self.draining_connections(),
+                               "connections" => self.crew.draining_open(),
                                "timeout_ms" => self.shutdown_timeout.as_millis() as u64);
                         self.force_stop();
                     }
@@ -604,15 +406,7 @@ impl Supervisor {
                 Timer::Watchdog => self.feed_watchdog(),
                 Timer::GiveUp => {
                     if let Phase::Ending(exit) = self.phase {
-                        let silent: Vec<usize> = self
-                            .workers
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, slot)| {
-                                !matches!(slot.state, WorkerState::Stopped(_) | WorkerState::Dumped)
-                            })
-                            .map(|(index, _)| index)
-                            .collect();
+                        let silent = self.crew.silent();
                         warn!(self.log, "workers did not answer in time, exiting without them";
                               "workers" => format!("{silent:?}"));
                         self.phase = Phase::Stopped(exit);
@@ -628,13 +422,9 @@ impl Supervisor {
         let Some(interval) = self.watchdog else {
             return;
         };
-        let now_ms = millis_since(self.epoch, self.now);
-        // A worker that has stopped (while draining) has nothing left to turn for.
-        let beats = self.workers.iter().map(|slot| match slot.state {
-            WorkerState::Stopped(_) => now_ms,
-            _ => slot.stats.last_beat_ms(),
-        });
-        let stalled = stalled(beats, now_ms, STALL_LIMIT);
+        let stalled = self
+            .crew
+            .stalled(millis_since(self.epoch, self.now), STALL_LIMIT);
         if stalled.is_empty() {
             if self.stall_logged {
                 info!(self.log, "every worker loop is turning again");
@@ -651,33 +441,72 @@ impl Supervisor {
     }
 }
 
-/// Sends the worker's last report when its thread ends: `Stopped` when its loop returned,
-/// `Gone` if the thread unwinds without getting there.
-struct Farewell {
-    index: usize,
-    reports: Outbox<Report>,
-    said: bool,
-}
-
-impl Farewell {
-    fn say(&mut self, report: Report) {
-        self.reports.send(report);
-        self.said = true;
-    }
-}
-
-impl Drop for Farewell {
-    fn drop(&mut self) {
-        if !self.said {
-            self.reports.send(Report::Gone(self.index));
-        }
-    }
-}
-
 /// The status line `systemctl status` shows while draining.
 fn draining_status(open: usize) -> String {
     match open {
         1 => "draining 1 connection".to_string(),
         n => format!("draining {n} connections"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+
+    use clap::Parser;
+    use slog::{Drain, Level, OwnedKVList, Record};
+
+    use super::*;
+
+    /// Keeps every log line's level and message.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<(Level, String)>>>);
+
+    impl Drain for Lines {
+        type Ok = ();
+        type Err = slog::Never;
+        fn log(&self, record: &Record<'_>, _: &OwnedKVList) -> Result<(), slog::Never> {
+            if let Ok(mut lines) = self.0.lock() {
+                lines.push((record.level(), record.msg().to_string()));
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_worker_that_ends_unexpectedly_stops_the_process_with_exit_1() {
+        let args = ["greenlight", "--host", "127.0.0.1", "--port", "0"];
+        let config = Config::try_parse_from(args.into_iter().chain(["--workers", "2"])).unwrap();
+        let lines = Lines::default();
+        let log = Logger::root(lines.clone().fuse(), slog::o!());
+        let supervisor = Supervisor::bind(&config, log).unwrap();
+        let addr = supervisor.addr();
+        let reports = supervisor.crew.report_outbox().unwrap();
+        let (exit_tx, exit) = std::sync::mpsc::channel();
+        std::thread::spawn(move || exit_tx.send(supervisor.run()));
+
+        // Serving: a request is answered (so the workers are up), then worker 1 "dies".
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client
+            .write_all(b"GET /v1/healthcheck HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut head = [0u8; 12];
+        client.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        reports.send(Report::Gone(1));
+
+        let exit = exit.recv_timeout(Duration::from_secs(10));
+        assert_eq!(
+            exit,
+            Ok(Exit::Forced),
+            "the process must not go on without a worker"
+        );
+        let lines = lines.0.lock().unwrap();
+        assert!(
+            lines.iter().any(|(level, msg)| *level == Level::Critical
+                && msg == "worker stopped unexpectedly, stopping the process"),
+            "{lines:?}"
+        );
     }
 }
