@@ -3,23 +3,28 @@
 //!
 //! # Anatomy
 //!
-//! One thread runs one loop ([`server`]). Three things travel through it:
+//! A [`supervisor`] thread and N [`worker`] threads each run one `mio` loop; they talk only
+//! through [`mailbox`]es (a channel plus a waker). Three things travel through them:
 //!
 //! **A request** goes one way:
-//! [`listener`] (accept until WouldBlock) -> [`conn`] (read into the loop's scratch buffer)
+//! [`listener`] (the supervisor accepts until WouldBlock) -> [`crew`] (dealt round-robin to a
+//! worker) -> [`conn`] (the worker reads into its loop's scratch buffer)
 //! -> [`http`] (parse the head, frame and discard the body) -> [`app`] (route, handle)
 //! -> [`http::response`] (encode head and JSON body into the write buffer) -> [`conn`]
 //! (one write for a whole batch of pipelined responses) -> keep-alive, or close (lingering
 //! while the client may still be sending).
 //!
-//! **A signal** goes: signal-hook's pipe (an event source like any socket) -> [`shutdown`]
-//! (`Serving` -> `Draining`) -> the listener is drained of queued connections and closed,
-//! every connection reads what it has pending, idle ones close at once, active ones finish
-//! their response with `Connection: close` -> the last close ends the loop -> exit status.
+//! **A signal** goes: signal-hook's pipe (an event source of the supervisor's loop) ->
+//! [`shutdown`] (`Serving` -> `Draining`) -> the listener is drained of queued connections and
+//! closed -> `Drain` to every worker, behind the connections dealt to it -> every connection
+//! reads what it has pending, idle ones close at once, active ones finish their response with
+//! `Connection: close` -> each worker's last close ends its loop -> when all have, the
+//! supervisor logs `stopped server` -> exit status.
 //!
-//! **Time** goes: every deadline (read, idle, write, linger, a slow handler, the shutdown grace
-//! period, resuming accept) lives in [`timers`]; the nearest one is the poll timeout; after
-//! every wake-up whatever is due expires. Nothing in the loop blocks or sleeps.
+//! **Time** goes: every deadline lives in its loop's [`timers`] (a worker's: read, idle, write,
+//! linger, a slow handler, its heartbeat; the supervisor's: the shutdown grace period, resuming
+//! accept, the watchdog); the nearest one is the poll timeout; after every wake-up whatever is
+//! due expires. Nothing in a loop blocks or sleeps.
 #![deny(missing_docs)]
 #![deny(
     clippy::unwrap_used,
