@@ -6,12 +6,9 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
 
+use crate::capacity::{MAX_CONNECTIONS_CEILING, MaxConnections};
 use crate::http::Limits;
 use crate::http::limits;
-
-/// Connections held at once by default. An idle connection costs well under 1 KiB here, so
-/// the bound is about file descriptors: it stays under the common hard `RLIMIT_NOFILE` of 65536.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 
 /// Most worker loops: far more than the cores of any machine greenlight runs on; a bigger
 /// number is a typo, and each worker costs a thread, an epoll and a wake-up descriptor.
@@ -43,8 +40,8 @@ fn parse_workers(text: &str) -> Result<Workers, String> {
     if text == "auto" {
         return Ok(Workers::Auto);
     }
-    match text.parse::<usize>() {
-        Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(Workers::Count(n)),
+    match parse_count(text) {
+        Some(n) if (1..=MAX_WORKERS).contains(&n) => Ok(Workers::Count(n)),
         _ => Err(format!(
             "invalid worker count {text:?}: expected auto or 1 to {MAX_WORKERS}"
         )),
@@ -169,8 +166,10 @@ pub struct Config {
     pub workers: Workers,
 
     /// Connections held at once by the whole process; a connection over it is closed at once.
-    #[arg(long, env = "GREENLIGHT_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = parse_max_connections, value_name = "N")]
-    pub max_connections: usize,
+    /// `auto`: as many as the descriptor limit allows (greenlight raises its soft limit to the
+    /// hard one); a number above that is lowered to it, with a warning.
+    #[arg(long, env = "GREENLIGHT_MAX_CONNECTIONS", default_value = "auto", value_parser = parse_max_connections, value_name = "N|auto")]
+    pub max_connections: MaxConnections,
 }
 
 impl Config {
@@ -207,14 +206,25 @@ pub fn enabled(timeout: Duration) -> Option<Duration> {
     (!timeout.is_zero()).then_some(timeout)
 }
 
-/// At least one connection, at most a million (a descriptor each).
-fn parse_max_connections(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+/// `auto`, or at least one connection and at most a million (a descriptor each).
+fn parse_max_connections(text: &str) -> Result<MaxConnections, String> {
+    if text == "auto" {
+        return Ok(MaxConnections::Auto);
+    }
+    match parse_count(text) {
+        Some(n) if (1..=MAX_CONNECTIONS_CEILING).contains(&n) => Ok(MaxConnections::Count(n)),
         _ => Err(format!(
-            "invalid connection count {text:?}: expected 1 to 1000000"
+            "invalid connection count {text:?}: expected auto or 1 to {MAX_CONNECTIONS_CEILING}"
         )),
     }
+}
+
+/// A count written in decimal digits only (`str::parse` also takes `+4`).
+fn parse_count(text: &str) -> Option<usize> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 /// Parses durations such as `250ms`, `5s`, `1m`, `1h`, `1m30s`, `1.5s` and `0`.
@@ -300,6 +310,20 @@ mod tests {
             .find(|arg| arg.get_id() == "workers")
             .unwrap();
         assert_eq!(workers.get_default_values(), ["auto"]);
+        let cap = command
+            .get_arguments()
+            .find(|arg| arg.get_id() == "max_connections")
+            .unwrap();
+        assert_eq!(cap.get_default_values(), ["auto"]);
+    }
+
+    #[test]
+    fn connection_caps_table() {
+        assert_eq!(parse_max_connections("auto"), Ok(MaxConnections::Auto));
+        assert_eq!(parse_max_connections("2"), Ok(MaxConnections::Count(2)));
+        for bad in ["0", "1000001", "+5", "", "many"] {
+            assert!(parse_max_connections(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
@@ -307,7 +331,7 @@ mod tests {
         assert_eq!(parse_workers("auto"), Ok(Workers::Auto));
         assert_eq!(parse_workers("1"), Ok(Workers::Count(1)));
         assert_eq!(parse_workers("1024"), Ok(Workers::Count(1024)));
-        for bad in ["0", "1025", "-1", "", "two", "Auto", "4 "] {
+        for bad in ["0", "1025", "-1", "", "two", "Auto", "4 ", "+4"] {
             assert!(parse_workers(bad).is_err(), "{bad:?} should be rejected");
         }
         assert!(Workers::Auto.resolve() >= 1);

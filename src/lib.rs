@@ -43,6 +43,7 @@
 )]
 
 pub mod app;
+pub mod capacity;
 pub mod config;
 pub mod conn;
 pub mod crew;

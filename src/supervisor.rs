@@ -11,6 +11,7 @@ use mio::{Events, Interest, Poll, Token};
 use signal_hook_mio::v1_0::Signals;
 use slog::{Logger, crit, error, info, warn};
 
+use crate::capacity::{self, FdLimits};
 use crate::config::{Config, Environment};
 use crate::conn::interrupted;
 use crate::crew::Crew;
@@ -69,6 +70,8 @@ pub struct Supervisor {
     epoch: Instant,
     shutdown_timeout: Duration,
     max_connections: usize,
+    /// The descriptor limits found and set at start-up.
+    fd_limits: FdLimits,
     addr: SocketAddr,
     /// The listener came from systemd (socket activation), not from `--host`/`--port`.
     socket_activated: bool,
@@ -88,6 +91,8 @@ impl Supervisor {
     /// mailbox; the workers' threads start in [`Supervisor::run`]. After this a signal is
     /// handled gracefully.
     pub fn bind(config: &Config, log: Logger) -> io::Result<Supervisor> {
+        // Before any socket is opened: as many descriptors as the hard limit allows.
+        let fd_limits = capacity::raise_fd_limit()?;
         // First, before any descriptor is opened (fd 3 must be systemd's, not our epoll's).
         let inherited = systemd::inherited_listener()?;
         let poll = Poll::new()?;
@@ -103,7 +108,14 @@ impl Supervisor {
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let (report_outbox, reports) = mailbox(poll.registry())?;
         let epoch = Instant::now();
-        let crew = Crew::prepare(config.workers.resolve(), &report_outbox, epoch)?;
+        let workers = config.workers.resolve();
+        let crew = Crew::prepare(workers, &report_outbox, epoch)?;
+        let cap = capacity::connection_cap(config.max_connections, fd_limits.soft, workers);
+        if let Some(asked) = cap.lowered_from {
+            warn!(log, "--max-connections is more than the descriptor limit allows, lowering it";
+                  "asked" => asked, "max_connections" => cap.max_connections, "max_fds" => fd_limits.soft,
+                  "hint" => "raise the hard limit: LimitNOFILE= under systemd, ulimit -Hn in a shell");
+        }
         Ok(Supervisor {
             poll,
             addr: listener.addr(),
@@ -119,7 +131,8 @@ impl Supervisor {
             now: epoch,
             epoch,
             shutdown_timeout: config.shutdown_timeout,
-            max_connections: config.max_connections,
+            max_connections: cap.max_connections,
+            fd_limits,
             socket_activated,
             watchdog: systemd::watchdog_interval(),
             stall_logged: false,
@@ -149,7 +162,8 @@ impl Supervisor {
                   "addr" => %self.addr);
         }
         info!(self.log, "starting server"; "addr" => %self.addr, "env" => self.env.as_str(),
-              "workers" => self.crew.len());
+              "workers" => self.crew.len(), "max_fds" => self.fd_limits.soft,
+              "max_connections" => self.max_connections);
         self.tell_systemd(Notice::Ready(&format!("serving on {}", self.addr)));
         if let Some(interval) = self.watchdog {
             self.tell_systemd(Notice::Watchdog);

@@ -1,5 +1,6 @@
 //! Running out of file descriptors: the loop must not spin, must log once, and must recover by
-//! itself once descriptors free up.
+//! itself once descriptors free up. The connection cap follows the descriptor limit found at
+//! start-up, so the limit is lowered under the running server (as `prlimit --nofile` would).
 
 mod support;
 
@@ -9,13 +10,14 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// Descriptors for the server: 3 standard ones, epoll, the signal pipe (2), the listener,
-/// leaving room for about 20 connections.
+/// Descriptors for the server: 3 standard ones, the supervisor's epoll, waker and signal pipe
+/// (2), the listener, two per worker, leaving room for a dozen connections or more.
 const FD_LIMIT: u64 = 28;
 
 #[test]
 fn out_of_descriptors_pauses_accepting_without_spinning_and_recovers() {
-    let mut server = spawn_server_with_fd_limit(&[], FD_LIMIT);
+    let mut server = spawn_server(&[]);
+    set_fd_limit(server.pid, FD_LIMIT, FD_LIMIT);
 
     // Fill every descriptor the server has; connections beyond wait in the listen queue.
     let mut served = Vec::new();

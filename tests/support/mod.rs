@@ -35,12 +35,23 @@ pub fn spawn_server_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
     spawn(args, env, None)
 }
 
-/// As [`spawn_server`], with `RLIMIT_NOFILE` set to `nofile` for the child alone.
-pub fn spawn_server_with_fd_limit(args: &[&str], nofile: u64) -> Server {
-    spawn(args, &[], Some(nofile))
+/// As [`spawn_server`], with the soft and hard `RLIMIT_NOFILE` set for the child alone.
+pub fn spawn_server_with_fd_limits(args: &[&str], soft: u64, hard: u64) -> Server {
+    spawn(args, &[], Some((soft, hard)))
 }
 
-fn spawn(args: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> Server {
+/// Sets a running process's `RLIMIT_NOFILE` (as `prlimit --nofile` does).
+pub fn set_fd_limit(pid: i32, soft: u64, hard: u64) {
+    let limit = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: prlimit reads a valid rlimit value and writes nothing (old limit pointer null).
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+fn spawn(args: &[&str], env: &[(&str, &str)], nofile: Option<(u64, u64)>) -> Server {
     let mut command = Command::new(env!("CARGO_BIN_EXE_greenlight"));
     if !args.contains(&"--host") {
         command.args(["--host", "127.0.0.1"]);
@@ -54,11 +65,11 @@ fn spawn(args: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> Server {
     for (key, value) in env {
         command.env(key, value);
     }
-    if let Some(nofile) = nofile {
+    if let Some((soft, hard)) = nofile {
         use std::os::unix::process::CommandExt;
         let limit = libc::rlimit {
-            rlim_cur: nofile,
-            rlim_max: nofile,
+            rlim_cur: soft,
+            rlim_max: hard,
         };
         // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
         unsafe {
