@@ -66,6 +66,19 @@ impl Status {
     }
 }
 
+/// Headers every response carries, success and error alike: static bytes written with the rest
+/// of the head. OWASP's REST Security Cheat Sheet lists them for API responses (the reasons for
+/// each, and for those not taken, are in docs/operations.md):
+/// - `Cache-Control: no-store`: no cache, private or shared, may keep a response, so a proxy
+///   never answers "available" for an instance that is gone (REDbot warns without it);
+/// - `X-Content-Type-Options: nosniff`: a browser never second-guesses `application/json`;
+/// - `Content-Security-Policy: frame-ancestors 'none'` and `X-Frame-Options: DENY` (for
+///   browsers without CSP): no response can be framed (drag-and-drop clickjacking).
+pub const SECURITY_HEADERS: &[u8] = b"Cache-Control: no-store\r\n\
+X-Content-Type-Options: nosniff\r\n\
+Content-Security-Policy: frame-ancestors 'none'\r\n\
+X-Frame-Options: DENY\r\n";
+
 /// The interim response sent before reading a body the client is holding back (RFC 9110 §10.1.1).
 pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
@@ -121,6 +134,7 @@ pub fn encode<T: Serialize + ?Sized>(
     out.extend_from_slice(b"\r\nContent-Type: application/json\r\nContent-Length: ");
     out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
     out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(SECURITY_HEADERS);
     if let Some(allow) = head.allow {
         out.extend_from_slice(b"Allow: ");
         out.extend_from_slice(allow.as_bytes());
@@ -174,8 +188,10 @@ mod tests {
             text,
             format!(
                 "previousHTTP/1.1 405 Method Not Allowed\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n\
-                 Content-Type: application/json\r\nContent-Length: {}\r\nAllow: GET, HEAD\r\n\
-                 Connection: close\r\n\r\n{body}",
+                 Content-Type: application/json\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\
+                 X-Content-Type-Options: nosniff\r\n\
+                 Content-Security-Policy: frame-ancestors 'none'\r\nX-Frame-Options: DENY\r\n\
+                 Allow: GET, HEAD\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             )
         );
