@@ -252,6 +252,9 @@ pub fn read_response_from(stream: &mut impl Read, head_only: bool) -> Result<Res
     while !raw.ends_with(b"\r\n\r\n") {
         match stream.read(&mut byte) {
             Ok(1) => raw.push(byte[0]),
+            // A signal landed on this thread: not the end of the connection (a raw read is
+            // not retried for us as read_exact would be).
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             _ => return Err(raw),
         }
     }
@@ -285,6 +288,7 @@ pub fn read_response_from(stream: &mut impl Read, head_only: bool) -> Result<Res
         let mut filled = 0;
         while filled < length {
             match stream.read(&mut body[filled..]) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Ok(0) | Err(_) => {
                     raw.extend_from_slice(&body[..filled]);
                     return Err(raw);
