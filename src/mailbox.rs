@@ -30,6 +30,10 @@ pub const WAKER: Token = Token(usize::MAX - 3);
 pub enum Command {
     /// Serve this connection, accepted by the supervisor.
     Adopt(TcpStream, SocketAddr),
+    /// The lame duck (or an upgrade's grace) began: every response from now on says
+    /// `Connection: close`, so clients move their keep-alive connections elsewhere; idle
+    /// connections stay open (closing one just as a client reuses it loses that request).
+    CloseEveryResponse,
     /// The drain began: read what is pending, close idle connections, finish the rest. Sent
     /// after every `Adopt` of a connection accepted before the listener closed.
     Drain,

@@ -6,32 +6,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use mio::event::Event;
 use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token};
-use slab::Slab;
-use slog::{Logger, debug, error, info, warn};
+use mio::{Events, Poll};
+use slog::{Logger, error};
 
 use crate::app::App;
 use crate::config::{Config, enabled};
-use crate::conn::{Close, Connection, Context, Scratch, Timeouts, Wake, interrupted};
+use crate::conn::{Close, Context, Table, Timeouts, Wake, interrupted};
 use crate::http::{DateCache, Limits};
 use crate::mailbox::{Command, HEARTBEAT_INTERVAL, Inbox, Outbox, Report, WAKER, WorkerStats};
 use crate::shutdown::Exit;
-use crate::timers::Timers;
 
 /// Readiness events taken per `poll` call; more simply wait for the next call.
 const EVENTS_CAPACITY: usize = 1024;
-
-/// What a worker's deadline belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Timer {
-    /// Time to show the loop is turning ([`HEARTBEAT_INTERVAL`]).
-    Heartbeat,
-    /// A connection's nearest deadline (its read, idle, write or linger timeout, or a handler
-    /// becoming ready); the connection itself knows which.
-    Conn(usize),
-}
 
 /// A worker's phase. The process-wide phase (and the shutdown deadline) is the supervisor's;
 /// a worker only knows whether it drains.
@@ -56,15 +43,12 @@ pub struct Worker {
     stats: Arc<WorkerStats>,
     /// The process's epoch, for heartbeats in milliseconds.
     epoch: Instant,
-    conns: Slab<Connection>,
-    /// Keys closed during this batch of events, freed after it so no token is reused within
-    /// one batch (a stale event must not reach a new connection).
-    closed: Vec<usize>,
-    timers: Timers<Timer>,
+    /// The API connections this worker serves.
+    table: Table,
+    /// When the loop next shows it is turning.
+    next_beat: Instant,
     phase: Phase,
-    scratch: Scratch,
     shared: Shared,
-    next_id: u64,
     /// The open count last reported while draining.
     reported_open: Option<usize>,
     log: Logger,
@@ -78,6 +62,8 @@ struct Shared {
     app: App,
     limits: Limits,
     timeouts: Timeouts,
+    /// The lame duck (or an upgrade's grace): every response says `Connection: close`.
+    closing: bool,
 }
 
 impl Shared {
@@ -88,6 +74,7 @@ impl Shared {
             app: &self.app,
             limits: &self.limits,
             timeouts: &self.timeouts,
+            closing: self.closing,
         }
     }
 }
@@ -120,23 +107,21 @@ impl Worker {
             reports: setup.reports,
             stats: setup.stats,
             epoch: setup.epoch,
-            conns: Slab::new(),
-            closed: Vec::new(),
-            timers: Timers::new(),
+            table: Table::new(0),
+            next_beat: now,
             phase: Phase::Serving,
-            scratch: Scratch::default(),
             shared: Shared {
                 now,
                 date: DateCache::new(SystemTime::now()),
-                app: App::new(config.env, config.healthcheck_delay),
+                app: App::api(config.env, config.healthcheck_delay),
                 limits: config.limits(),
                 timeouts: Timeouts {
                     read: enabled(config.read_timeout),
                     idle: enabled(config.idle_timeout),
                     write: enabled(config.write_timeout),
                 },
+                closing: false,
             },
-            next_id: 0,
             reported_open: None,
             log: log.new(slog::o!("worker" => setup.index)),
         }
@@ -145,15 +130,15 @@ impl Worker {
     /// Runs the loop until the worker stops, and returns how it ended.
     pub fn run(mut self) -> Exit {
         self.reports.send(Report::Ready(self.index));
-        self.timers
-            .reschedule(Timer::Heartbeat, None, Some(self.shared.now));
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         loop {
             if let Phase::Stopped(exit) = self.phase {
                 return exit;
             }
-            let timeout = self.timers.timeout(Instant::now());
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            let now = Instant::now();
+            let beat = self.next_beat.saturating_duration_since(now);
+            let timeout = self.table.timeout(now).map_or(beat, |t| t.min(beat));
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if interrupted(&e) {
                     continue;
                 }
@@ -162,14 +147,22 @@ impl Worker {
             }
             self.shared.now = Instant::now();
             self.shared.date.update(SystemTime::now());
+            let draining = self.phase == Phase::Draining;
             for event in events.iter() {
-                match event.token() {
-                    WAKER => self.on_commands(),
-                    Token(key) => self.on_conn_event(key, event),
+                if event.token() == WAKER {
+                    self.on_commands();
+                } else {
+                    let cx = self.shared.context();
+                    let registry = self.poll.registry();
+                    self.table
+                        .on_event(registry, event, &cx, draining, &self.log);
                 }
             }
             self.expire_timers();
-            self.free_closed();
+            let freed = self.table.free_closed();
+            if freed > 0 {
+                self.stats.add_closed(freed);
+            }
             self.check_drained();
         }
     }
@@ -178,13 +171,15 @@ impl Worker {
         while let Some(command) = self.inbox.next() {
             match command {
                 Command::Adopt(stream, peer) => self.adopt(stream, peer),
+                Command::CloseEveryResponse => self.shared.closing = true,
                 Command::Drain => self.begin_drain(),
                 Command::Force => {
-                    self.force_close_all();
+                    let freed = self.table.close_all(Close::Forced, &self.log);
+                    self.stats.add_closed(freed);
                     self.phase = Phase::Stopped(Exit::Forced);
                 }
                 Command::Dump => {
-                    self.dump_connections();
+                    self.table.dump(Instant::now(), &self.log);
                     self.reports.send(Report::Dumped(self.index));
                 }
             }
@@ -192,130 +187,12 @@ impl Worker {
     }
 
     /// Takes a connection the supervisor accepted into the table.
-    fn adopt(&mut self, mut stream: TcpStream, peer: SocketAddr) {
-        let entry = self.conns.vacant_entry();
-        let key = entry.key();
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut stream, Token(key), Interest::READABLE)
-        {
-            warn!(self.log, "cannot register connection"; "error" => %e, "peer" => %peer);
+    fn adopt(&mut self, stream: TcpStream, peer: SocketAddr) {
+        let cx = self.shared.context();
+        let registry = self.poll.registry();
+        if !self.table.adopt(registry, stream, peer, &cx, &self.log) {
             self.stats.add_closed(1);
-            return;
         }
-        self.next_id += 1;
-        let cx = self.shared.context();
-        let conn = entry.insert(Connection::new(self.next_id, stream, peer, &cx));
-        debug!(self.log, "accepted"; conn.log_fields());
-        let deadline = conn.deadline();
-        conn.filed_deadline = deadline;
-        self.timers.reschedule(Timer::Conn(key), None, deadline);
-        // Already draining (not expected: Drain follows every Adopt): treat it like the rest.
-        if self.phase == Phase::Draining {
-            self.drive(key, Wake::Drain);
-        }
-    }
-
-    fn on_conn_event(&mut self, key: usize, event: &Event) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        if conn.is_closed() {
-            return;
-        }
-        if event.is_read_closed() || event.is_error() {
-            conn.note_read_closed();
-        }
-        self.drive(key, Wake::Io);
-    }
-
-    /// Lets a connection read, answer and write, then files its interest and deadline.
-    fn drive(&mut self, key: usize, wake: Wake) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        if conn.is_closed() {
-            return;
-        }
-        let cx = self.shared.context();
-        let result = conn.drive(wake, &mut self.scratch, &cx, &self.log);
-        self.settle(key, result);
-    }
-
-    /// After a connection ran: close it, or register what it now waits for.
-    fn settle(&mut self, key: usize, result: Result<(), Close>) {
-        let draining = self.phase == Phase::Draining;
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        let result = match result {
-            Ok(()) if draining && conn.is_idle() && !conn.held_as_fresh(self.shared.now) => {
-                Err(Close::Draining)
-            }
-            other => other,
-        };
-        if let Err(reason) = result {
-            self.close(key, reason);
-            return;
-        }
-        let wanted = conn.wanted_interest();
-        if wanted != conn.interest() {
-            if let Err(e) = self
-                .poll
-                .registry()
-                .reregister(conn.stream_mut(), Token(key), wanted)
-            {
-                self.close(key, Close::Failed(e.kind()));
-                return;
-            }
-            conn.set_interest(wanted);
-        }
-        // File the deadline only when it moves earlier: a later one (the idle deadline after
-        // each keep-alive response) would cost a remove and an insert per request, while an
-        // early wake-up costs one spurious drive, which refiles the real deadline.
-        let deadline = conn.deadline();
-        let earlier = match (conn.filed_deadline, deadline) {
-            (None, Some(_)) => true,
-            (Some(filed), Some(new)) => new < filed,
-            (_, None) => false,
-        };
-        if earlier {
-            self.timers
-                .reschedule(Timer::Conn(key), conn.filed_deadline, deadline);
-            conn.filed_deadline = deadline;
-        }
-    }
-
-    /// Closes a connection now; its slab slot is freed after the batch.
-    fn close(&mut self, key: usize, reason: Close) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        if conn.is_closed() {
-            return;
-        }
-        // No deregister: dropping the stream (after the batch) closes the descriptor, which
-        // takes it out of epoll; until then its events are skipped as closed.
-        self.timers
-            .reschedule(Timer::Conn(key), conn.filed_deadline, None);
-        conn.filed_deadline = None;
-        conn.mark_closed();
-        debug!(self.log, "closed"; conn.log_fields(), "reason" => reason.as_str(), "served" => conn.served());
-        self.closed.push(key);
-    }
-
-    fn free_closed(&mut self) {
-        if self.closed.is_empty() {
-            return;
-        }
-        let mut freed = 0;
-        for key in self.closed.drain(..) {
-            if self.conns.try_remove(key).is_some() {
-                freed += 1;
-            }
-        }
-        self.stats.add_closed(freed);
     }
 
     /// Read what every connection has pending, close the idle ones, let the active ones finish.
@@ -324,28 +201,22 @@ impl Worker {
             return;
         }
         self.phase = Phase::Draining;
-        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
-        for key in keys {
-            self.drive(key, Wake::Drain);
-        }
+        let cx = self.shared.context();
+        let registry = self.poll.registry();
+        self.table
+            .drive_all(registry, Wake::Drain, &cx, true, &self.log);
     }
 
     fn expire_timers(&mut self) {
-        while let Some(key) = self.timers.pop_expired(self.shared.now) {
-            match key {
-                Timer::Heartbeat => {
-                    self.stats.beat(self.epoch, self.shared.now);
-                    let next = self.shared.now + HEARTBEAT_INTERVAL;
-                    self.timers.reschedule(Timer::Heartbeat, None, Some(next));
-                }
-                Timer::Conn(key) => {
-                    if let Some(conn) = self.conns.get_mut(key) {
-                        conn.filed_deadline = None;
-                    }
-                    self.drive(key, Wake::Timer);
-                }
-            }
+        let now = self.shared.now;
+        if self.next_beat <= now {
+            self.stats.beat(self.epoch, now);
+            self.next_beat = now + HEARTBEAT_INTERVAL;
         }
+        let cx = self.shared.context();
+        let registry = self.poll.registry();
+        let draining = self.phase == Phase::Draining;
+        self.table.expire(registry, &cx, draining, &self.log);
     }
 
     /// While draining: report the open count when it changes; stop once it is zero, in the
@@ -354,7 +225,7 @@ impl Worker {
         if self.phase != Phase::Draining {
             return;
         }
-        let open = self.conns.len();
+        let open = self.table.len();
         if self.reported_open != Some(open) {
             self.reported_open = Some(open);
             self.reports.send(Report::Open {
@@ -364,24 +235,6 @@ impl Worker {
         }
         if open == 0 {
             self.phase = Phase::Stopped(Exit::Clean);
-        }
-    }
-
-    fn force_close_all(&mut self) {
-        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
-        for key in keys {
-            self.close(key, Close::Forced);
-        }
-        self.free_closed();
-    }
-
-    /// SIGQUIT: one log line per connection, for finding what holds a stuck process.
-    fn dump_connections(&self) {
-        for (_, conn) in self.conns.iter().filter(|(_, conn)| !conn.is_closed()) {
-            let row = conn.snapshot(Instant::now());
-            info!(self.log, "connection"; "id" => row.id, "peer" => %row.peer, "state" => row.state,
-                  "age" => format_args!("{:.3?}", row.age), "age_ms" => row.age.as_millis() as u64,
-                  "bytes_in" => row.bytes_in, "bytes_out" => row.bytes_out);
         }
     }
 }

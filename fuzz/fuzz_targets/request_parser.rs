@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    let app = App::new(Environment::Development, Duration::ZERO);
+    let app = App::api(Environment::Development, Duration::ZERO);
     let timeouts = Timeouts {
         read: Some(Duration::from_secs(5)),
         idle: Some(Duration::from_secs(60)),
@@ -50,6 +50,7 @@ fuzz_target!(|data: &[u8]| {
         app: &app,
         limits: &limits,
         timeouts: &timeouts,
+        closing: false,
     };
     let cut = usize::from(selector) * input.len() / 255;
     let split = run(&cx, input, cut);

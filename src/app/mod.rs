@@ -1,5 +1,6 @@
-//! The application: the router maps a method and target to a route, the handlers turn a route
-//! into a response. Handlers never block: a slow one (the healthcheck delay) names a deadline.
+//! The applications: the API (the healthcheck) and the admin listener's probes. The router maps
+//! a method and target to a route, the handlers turn a route into a response. Handlers never
+//! block: a slow one (the healthcheck delay) names a deadline.
 
 mod healthcheck;
 
@@ -13,14 +14,24 @@ use crate::http::{Persistence, ResponseHead, Status, encode};
 /// The path of the only resource.
 pub const HEALTHCHECK_PATH: &str = "/v1/healthcheck";
 
-/// The methods the healthcheck allows, for the `Allow` header of a 405.
-const HEALTHCHECK_ALLOW: &str = "GET, HEAD";
+/// The admin listener's readiness probe.
+pub const READYZ_PATH: &str = "/readyz";
+
+/// The admin listener's liveness probe.
+pub const LIVEZ_PATH: &str = "/livez";
+
+/// The methods every resource allows, for the `Allow` header of a 405.
+const ALLOW: &str = "GET, HEAD";
 
 /// What the router decided for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
-    /// `GET` or `HEAD /v1/healthcheck`.
+    /// `GET` or `HEAD /v1/healthcheck` (API).
     Healthcheck,
+    /// `GET` or `HEAD /readyz` (admin).
+    Readyz,
+    /// `GET` or `HEAD /livez` (admin).
+    Livez,
     /// A path no route serves.
     NotFound,
     /// A known path with a method it does not allow; carries the method for the message.
@@ -36,11 +47,36 @@ pub struct Routed {
     pub head_only: bool,
 }
 
-/// The application state the handlers read: fixed for the life of the process.
+/// The application a listener serves, and the state its handlers read.
 #[derive(Debug, Clone)]
 pub struct App {
-    environment: Environment,
-    healthcheck_delay: Duration,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    /// The book's API: fixed for the life of the process.
+    Api {
+        environment: Environment,
+        healthcheck_delay: Duration,
+    },
+    /// The admin listener: the probes' answers, kept current by the supervisor.
+    Admin(Probes),
+}
+
+/// What the admin probes answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probes {
+    /// Serving (not in the lame duck or the drain): `/readyz` is 200, else 503 `draining`.
+    pub ready: bool,
+    /// Every loop of the process is turning: `/livez` is 200, else 503 `stalled`.
+    pub alive: bool,
+}
+
+/// The body of a probe's answer.
+#[derive(Serialize)]
+struct ProbeBody {
+    status: &'static str,
 }
 
 /// The JSON body of every error response.
@@ -73,11 +109,30 @@ impl Serialize for Message<'_> {
 }
 
 impl App {
-    /// The application for an environment, with the healthcheck answering after `delay`.
-    pub fn new(environment: Environment, healthcheck_delay: Duration) -> App {
+    /// The API for an environment, with the healthcheck answering after `delay`.
+    pub fn api(environment: Environment, healthcheck_delay: Duration) -> App {
         App {
-            environment,
-            healthcheck_delay,
+            kind: Kind::Api {
+                environment,
+                healthcheck_delay,
+            },
+        }
+    }
+
+    /// The admin listener's application: ready and alive until told otherwise.
+    pub fn admin() -> App {
+        App {
+            kind: Kind::Admin(Probes {
+                ready: true,
+                alive: true,
+            }),
+        }
+    }
+
+    /// Updates what the admin probes answer (nothing for the API).
+    pub fn set_probes(&mut self, probes: Probes) {
+        if let Kind::Admin(current) = &mut self.kind {
+            *current = probes;
         }
     }
 
@@ -86,21 +141,30 @@ impl App {
     pub fn route(&self, method: &str, target: &str) -> Routed {
         let path = path_of(target);
         let head_only = method == "HEAD";
-        let route = if path != HEALTHCHECK_PATH {
-            Route::NotFound
-        } else if method == "GET" || head_only {
-            Route::Healthcheck
-        } else {
-            Route::MethodNotAllowed(method.into())
+        let found = match (&self.kind, path) {
+            (Kind::Api { .. }, HEALTHCHECK_PATH) => Some(Route::Healthcheck),
+            (Kind::Admin(_), READYZ_PATH) => Some(Route::Readyz),
+            (Kind::Admin(_), LIVEZ_PATH) => Some(Route::Livez),
+            _ => None,
+        };
+        let route = match found {
+            None => Route::NotFound,
+            Some(route) if method == "GET" || head_only => route,
+            Some(_) => Route::MethodNotAllowed(method.into()),
         };
         Routed { route, head_only }
     }
 
     /// How long the handler for `route` takes before its response is due.
     pub fn delay(&self, route: &Route) -> Duration {
-        match route {
-            Route::Healthcheck => self.healthcheck_delay,
-            Route::NotFound | Route::MethodNotAllowed(_) => Duration::ZERO,
+        match (&self.kind, route) {
+            (
+                Kind::Api {
+                    healthcheck_delay, ..
+                },
+                Route::Healthcheck,
+            ) => *healthcheck_delay,
+            _ => Duration::ZERO,
         }
     }
 
@@ -118,10 +182,36 @@ impl App {
             allow,
             head_only: routed.head_only,
         };
+        let probe = |up: bool, good: &'static str, bad: &'static str| {
+            if up {
+                (Status::Ok, ProbeBody { status: good })
+            } else {
+                (Status::ServiceUnavailable, ProbeBody { status: bad })
+            }
+        };
+        let probes = match self.kind {
+            Kind::Admin(probes) => probes,
+            Kind::Api { .. } => Probes {
+                ready: true,
+                alive: true,
+            },
+        };
         match &routed.route {
             Route::Healthcheck => {
-                let body = healthcheck::report(self.environment);
+                let environment = match self.kind {
+                    Kind::Api { environment, .. } => environment,
+                    Kind::Admin(_) => Environment::Development,
+                };
+                let body = healthcheck::report(environment);
                 encode(out, &head(Status::Ok, None), date, &body);
+            }
+            Route::Readyz => {
+                let (status, body) = probe(probes.ready, "ready", "draining");
+                encode(out, &head(status, None), date, &body);
+            }
+            Route::Livez => {
+                let (status, body) = probe(probes.alive, "alive", "stalled");
+                encode(out, &head(status, None), date, &body);
             }
             Route::NotFound => {
                 let body = ErrorBody {
@@ -130,7 +220,7 @@ impl App {
                 encode(out, &head(Status::NotFound, None), date, &body);
             }
             Route::MethodNotAllowed(method) => {
-                let head = head(Status::MethodNotAllowed, Some(HEALTHCHECK_ALLOW));
+                let head = head(Status::MethodNotAllowed, Some(ALLOW));
                 encode(out, &head, date, &MethodNotAllowedBody(method));
             }
         }
@@ -161,7 +251,7 @@ mod tests {
     use super::*;
 
     fn app() -> App {
-        App::new(Environment::Development, Duration::ZERO)
+        App::api(Environment::Development, Duration::ZERO)
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct Context<'a> {
     pub limits: &'a Limits,
     /// The timeouts.
     pub timeouts: &'a Timeouts,
+    /// Every response says `Connection: close` (the lame duck, an upgrade's grace).
+    pub closing: bool,
 }
 
 impl Context<'_> {
@@ -346,7 +348,7 @@ impl Machine {
     /// Queues the response to `request`; `more` says whether input follows it. Persistence is
     /// decided here, as the head is encoded (habit 9).
     fn respond(&mut self, request: Request, more: bool, out: &mut Vec<u8>, cx: &Context<'_>) {
-        let persistence = self.persistence(request.persistence, more);
+        let persistence = self.persistence(request.persistence, more, cx);
         cx.app.respond(&request.routed, persistence, cx.date, out);
         self.served += 1;
         if persistence == Persistence::Close {
@@ -360,9 +362,12 @@ impl Machine {
     }
 
     /// The client's wish, unless this is the last response: the peer left with nothing more
-    /// buffered, or the drain began before any byte of a further request arrived.
-    fn persistence(&self, wanted: Persistence, more: bool) -> Persistence {
-        let last = self.peer_eof && !more || self.drain_mark.is_some_and(|m| self.consumed >= m);
+    /// buffered, the drain began before any byte of a further request arrived, or the loop is
+    /// closing every connection as it answers (the lame duck).
+    fn persistence(&self, wanted: Persistence, more: bool, cx: &Context<'_>) -> Persistence {
+        let last = cx.closing
+            || self.peer_eof && !more
+            || self.drain_mark.is_some_and(|m| self.consumed >= m);
         if last { Persistence::Close } else { wanted }
     }
 

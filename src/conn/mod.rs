@@ -3,6 +3,7 @@
 
 mod buffer;
 pub mod machine;
+mod table;
 
 use std::io::{self, Read, Write};
 use std::mem;
@@ -15,6 +16,7 @@ use slog::{Logger, info};
 
 pub use buffer::{InputBuf, READ_BUFFER_BYTES, Scratch};
 pub use machine::{Context, Expiry, Machine, Timeouts};
+pub use table::Table;
 
 /// How long a connection that was answered while the peer may still be sending is kept
 /// half-closed, reading and discarding, before it is closed. Closing with unread input makes
@@ -536,7 +538,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, peer) = listener.accept().unwrap();
-        let app = App::new(Environment::Development, Duration::ZERO);
+        let app = App::api(Environment::Development, Duration::ZERO);
         let limits = Limits::default();
         let timeouts = Timeouts {
             read: Some(Duration::from_secs(5)),
@@ -550,6 +552,7 @@ mod tests {
             app: &app,
             limits: &limits,
             timeouts: &timeouts,
+            closing: false,
         };
         let mut conn = Connection::new(1, TcpStream::from_std(accepted), peer, &cx);
         assert!(conn.is_idle());

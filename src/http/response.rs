@@ -26,6 +26,8 @@ pub enum Status {
     HeaderFieldsTooLarge,
     /// 501
     NotImplemented,
+    /// 503 (admin probes only)
+    ServiceUnavailable,
     /// 505
     VersionNotSupported,
 }
@@ -44,6 +46,7 @@ impl Status {
             Status::ExpectationFailed => 417,
             Status::HeaderFieldsTooLarge => 431,
             Status::NotImplemented => 501,
+            Status::ServiceUnavailable => 503,
             Status::VersionNotSupported => 505,
         }
     }
@@ -61,6 +64,7 @@ impl Status {
             Status::ExpectationFailed => b"HTTP/1.1 417 Expectation Failed\r\n",
             Status::HeaderFieldsTooLarge => b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
             Status::NotImplemented => b"HTTP/1.1 501 Not Implemented\r\n",
+            Status::ServiceUnavailable => b"HTTP/1.1 503 Service Unavailable\r\n",
             Status::VersionNotSupported => b"HTTP/1.1 505 HTTP Version Not Supported\r\n",
         }
     }

@@ -15,7 +15,7 @@ pub(super) struct Harness {
 impl Harness {
     pub(super) fn new(delay: Duration) -> Harness {
         Harness {
-            app: App::new(Environment::Production, delay),
+            app: App::api(Environment::Production, delay),
             limits: Limits::default(),
             timeouts: Timeouts {
                 read: Some(Duration::from_secs(5)),
@@ -33,6 +33,7 @@ impl Harness {
             app: &self.app,
             limits: &self.limits,
             timeouts: &self.timeouts,
+            closing: false,
         }
     }
 
