@@ -1,6 +1,6 @@
 //! Command-line flags and their `GREENLIGHT_*` environment variables -> [`Config`].
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -119,7 +119,17 @@ pub struct Config {
     #[arg(long, env = "GREENLIGHT_ENV", value_enum, default_value_t = Environment::Development, value_name = "NAME")]
     pub env: Environment,
 
-    /// Grace period for in-flight requests after SIGINT/SIGTERM.
+    /// Address of the admin listener (`/readyz`, `/livez`), IPv4 `ADDR:PORT` or `[IPv6]:PORT`;
+    /// off unless given (or passed by systemd as a socket named `admin`).
+    #[arg(long, env = "GREENLIGHT_ADMIN_ADDR", value_name = "ADDR:PORT")]
+    pub admin_addr: Option<SocketAddr>,
+
+    /// Lame duck after SIGINT/SIGTERM: keep accepting and serving this long (every response
+    /// saying `Connection: close`, /readyz saying 503) so load balancers move away, then drain.
+    #[arg(long, env = "GREENLIGHT_DRAIN_DELAY", default_value = "0s", value_parser = parse_duration, value_name = "DUR")]
+    pub drain_delay: Duration,
+
+    /// Grace period for in-flight requests after SIGINT/SIGTERM (after the drain delay).
     #[arg(long, env = "GREENLIGHT_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DUR")]
     pub shutdown_timeout: Duration,
 
@@ -173,9 +183,34 @@ pub struct Config {
 }
 
 impl Config {
-    /// Parses the process's arguments and environment; exits with clap's message on error.
+    /// Parses the process's arguments and environment; exits with clap's message (status 2)
+    /// on error, including flags that contradict each other.
     pub fn from_args() -> Config {
-        Config::parse()
+        let config = Config::parse();
+        if let Err(message) = config.check() {
+            let mut command = <Config as clap::CommandFactory>::command();
+            command
+                .error(clap::error::ErrorKind::ArgumentConflict, message)
+                .exit();
+        }
+        config
+    }
+
+    /// What clap cannot check flag by flag: the admin listener must not take the API's address.
+    pub fn check(&self) -> Result<(), String> {
+        let Some(admin) = self.admin_addr else {
+            return Ok(());
+        };
+        let api = SocketAddr::new(self.host, self.port);
+        let overlaps = admin.port() == api.port()
+            && api.port() != 0
+            && (admin.ip() == api.ip() || admin.ip().is_unspecified() || api.ip().is_unspecified());
+        if overlaps {
+            return Err(format!(
+                "--admin-addr {admin} is the API's address ({api}, from --host and --port): give the admin listener a port of its own"
+            ));
+        }
+        Ok(())
     }
 
     /// The request limits these flags set.
@@ -315,6 +350,34 @@ mod tests {
             .find(|arg| arg.get_id() == "max_connections")
             .unwrap();
         assert_eq!(cap.get_default_values(), ["auto"]);
+    }
+
+    #[test]
+    fn the_admin_listener_must_not_take_the_api_address() {
+        let parse = |args: &[&str]| {
+            Config::try_parse_from(["greenlight"].iter().chain(args.iter())).unwrap()
+        };
+        let same = parse(&[
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "4000",
+            "--admin-addr",
+            "127.0.0.1:4000",
+        ]);
+        assert!(same.check().unwrap_err().contains("--admin-addr"));
+        let wildcard = parse(&["--port", "4000", "--admin-addr", "127.0.0.1:4000"]);
+        assert!(
+            wildcard.check().is_err(),
+            "0.0.0.0:4000 covers 127.0.0.1:4000"
+        );
+        let other_port = parse(&["--port", "4000", "--admin-addr", "127.0.0.1:4001"]);
+        assert!(other_port.check().is_ok());
+        let v6 = parse(&["--port", "4000", "--admin-addr", "[::1]:9000"]);
+        assert_eq!(v6.admin_addr, Some("[::1]:9000".parse().unwrap()));
+        assert!(Config::try_parse_from(["greenlight", "--admin-addr", "localhost"]).is_err());
+        assert!(parse(&[]).admin_addr.is_none(), "off by default");
+        assert_eq!(parse(&[]).drain_delay, Duration::ZERO);
     }
 
     #[test]

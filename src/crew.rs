@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use mio::Poll;
 use mio::net::TcpStream;
-use slog::Logger;
+use slog::{Logger, info, warn};
 
 use crate::config::Config;
 use crate::mailbox::{Command, Outbox, Report, WorkerStats, mailbox, stalled};
@@ -74,11 +74,20 @@ pub struct Crew {
     /// difference bounds the open count from above without reading every worker per accept.
     handed: u64,
     closed_seen: u64,
+    /// `--max-connections` in force, for the whole process.
+    max_connections: usize,
+    /// A connection over the cap was refused and not yet logged as recovered.
+    over_limit: bool,
 }
 
 impl Crew {
     /// Prepares `count` workers: a poll and a mailbox each; their threads start in [`Crew::spawn`].
-    pub fn prepare(count: usize, reports: &Outbox<Report>, epoch: Instant) -> io::Result<Crew> {
+    pub fn prepare(
+        count: usize,
+        max_connections: usize,
+        reports: &Outbox<Report>,
+        epoch: Instant,
+    ) -> io::Result<Crew> {
         let mut slots = Vec::with_capacity(count);
         for index in 0..count {
             let poll = Poll::new()?;
@@ -105,6 +114,8 @@ impl Crew {
             next: 0,
             handed: 0,
             closed_seen: 0,
+            max_connections,
+            over_limit: false,
         })
     }
 
@@ -151,6 +162,25 @@ impl Crew {
         self.slots
             .iter()
             .any(|slot| slot.state == WorkerState::Starting)
+    }
+
+    /// Deals an accepted connection to the next worker, or closes it at once when the process
+    /// holds `--max-connections` already (logged once per episode).
+    pub fn admit(&mut self, stream: TcpStream, peer: SocketAddr, log: &Logger) {
+        if self.at_limit(self.max_connections) {
+            if !self.over_limit {
+                warn!(log, "max connections reached, closing new connections";
+                      "max_connections" => self.max_connections);
+                self.over_limit = true;
+            }
+            drop(stream);
+            return;
+        }
+        if self.over_limit {
+            info!(log, "below max connections again"; "connections" => self.open());
+            self.over_limit = false;
+        }
+        self.deal(stream, peer);
     }
 
     /// Queues a connection for the next worker in turn; [`Crew::wake_dealt`] wakes them.
@@ -330,7 +360,7 @@ mod tests {
         let poll = Poll::new().unwrap();
         let (reports, inbox) = mailbox(poll.registry()).unwrap();
         (
-            Crew::prepare(count, &reports, Instant::now()).unwrap(),
+            Crew::prepare(count, 100, &reports, Instant::now()).unwrap(),
             inbox,
             poll,
         )

@@ -42,6 +42,7 @@
     )
 )]
 
+pub mod admin;
 pub mod app;
 pub mod capacity;
 pub mod config;

@@ -3,9 +3,10 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
+use slog::{Logger, info, warn};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::conn::{interrupted, would_block};
@@ -84,6 +85,73 @@ impl Listener {
                 Err(e) => return Accept::Exhausted(e),
             }
         }
+    }
+}
+
+/// A listener taken from until WouldBlock, paused by deadline when descriptors run out: one
+/// log line per episode, not one per retry.
+pub struct Acceptor {
+    listener: Listener,
+    /// Accepting is paused until [`Acceptor::resume`] (out of descriptors).
+    paused: bool,
+    /// `accept` has failed for want of resources and not succeeded since.
+    exhausted: bool,
+}
+
+impl Acceptor {
+    /// Accepts from `listener`.
+    pub fn new(listener: Listener) -> Acceptor {
+        Acceptor {
+            listener,
+            paused: false,
+            exhausted: false,
+        }
+    }
+
+    /// The listener, for (de)registration and its address.
+    pub fn listener_mut(&mut self) -> &mut Listener {
+        &mut self.listener
+    }
+
+    /// Accepts until the queue is empty (edge-triggered: one event may stand for many), giving
+    /// each connection to `take`. Returns when to resume if accepting had to pause (EMFILE);
+    /// `open` is the connection count the log lines report.
+    pub fn accept_all(
+        &mut self,
+        now: Instant,
+        log: &Logger,
+        open: impl Fn() -> usize,
+        mut take: impl FnMut(TcpStream, SocketAddr),
+    ) -> Option<Instant> {
+        if self.paused {
+            return None;
+        }
+        loop {
+            match self.listener.accept() {
+                Accept::Conn(stream, peer) => {
+                    if self.exhausted {
+                        info!(log, "accepting again"; "connections" => open());
+                        self.exhausted = false;
+                    }
+                    take(stream, peer);
+                }
+                Accept::Empty => return None,
+                Accept::Exhausted(e) => {
+                    if !self.exhausted {
+                        warn!(log, "cannot accept, pausing until descriptors free up"; "error" => %e,
+                              "retry_ms" => ACCEPT_PAUSE.as_millis() as u64, "connections" => open());
+                        self.exhausted = true;
+                    }
+                    self.paused = true;
+                    return Some(now + ACCEPT_PAUSE);
+                }
+            }
+        }
+    }
+
+    /// The pause is over (its deadline passed), or must be ignored (the drain takes the queue).
+    pub fn resume(&mut self) {
+        self.paused = false;
     }
 }
 

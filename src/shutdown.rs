@@ -66,8 +66,16 @@ impl Exit {
 /// The server's phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Accepting and serving. Leaves to `Draining` on SIGINT/SIGTERM, `Stopped` on SIGQUIT.
+    /// Accepting and serving. Leaves on SIGINT/SIGTERM to `LameDuck` (with a drain delay) or
+    /// `Draining`, on SIGQUIT to `Ending(Quit)`.
     Serving,
+    /// Still accepting and serving, but announcing the departure: `/readyz` says 503 and every
+    /// response says `Connection: close`. Leaves to `Draining` at `until`; a second
+    /// SIGINT/SIGTERM forces the stop, SIGQUIT dumps.
+    LameDuck {
+        /// When the drain begins.
+        until: Instant,
+    },
     /// Not accepting; in-flight requests finish until `deadline`. Leaves to `Stopped`: clean
     /// when the last connection closes, forced at the deadline or on a second signal.
     Draining {
@@ -84,7 +92,8 @@ pub enum Phase {
 /// What a signal asks of the loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
-    /// Stop accepting, close idle connections, let active ones finish.
+    /// Begin the shutdown: the lame duck if there is a drain delay, else the drain at once
+    /// (stop accepting, close idle connections, let active ones finish).
     BeginDrain,
     /// Close everything now and exit 1.
     ForceStop,
@@ -101,7 +110,7 @@ impl Phase {
             (Phase::Stopped(_) | Phase::Ending(_), _) => Transition::Ignore,
             (_, Signal::Quit) => Transition::DumpAndQuit,
             (Phase::Serving, _) => Transition::BeginDrain,
-            (Phase::Draining { .. }, _) => Transition::ForceStop,
+            (Phase::LameDuck { .. } | Phase::Draining { .. }, _) => Transition::ForceStop,
         }
     }
 
@@ -125,6 +134,9 @@ mod tests {
         let draining = Phase::Draining {
             deadline: Instant::now(),
         };
+        let lame_duck = Phase::LameDuck {
+            until: Instant::now(),
+        };
         let rows = [
             (Phase::Serving, Signal::Term, Transition::BeginDrain),
             (Phase::Serving, Signal::Int, Transition::BeginDrain),
@@ -132,6 +144,9 @@ mod tests {
             (draining, Signal::Int, Transition::ForceStop),
             (draining, Signal::Term, Transition::ForceStop),
             (draining, Signal::Quit, Transition::DumpAndQuit),
+            (lame_duck, Signal::Term, Transition::ForceStop),
+            (lame_duck, Signal::Int, Transition::ForceStop),
+            (lame_duck, Signal::Quit, Transition::DumpAndQuit),
             (
                 Phase::Stopped(Exit::Clean),
                 Signal::Term,

@@ -11,11 +11,13 @@ use mio::{Events, Interest, Poll, Token};
 use signal_hook_mio::v1_0::Signals;
 use slog::{Logger, crit, error, info, warn};
 
+use crate::admin::{ADMIN_LISTENER, Admin};
+use crate::app::Probes;
 use crate::capacity::{self, FdLimits};
 use crate::config::{Config, Environment};
 use crate::conn::interrupted;
 use crate::crew::Crew;
-use crate::listener::{ACCEPT_PAUSE, Accept, Listener};
+use crate::listener::{Acceptor, Listener};
 use crate::mailbox::{Command, Inbox, Report, STALL_LIMIT, WAKER, mailbox, millis_since};
 use crate::shutdown::{Exit, HANDLED_SIGNALS, Phase, Signal, Transition};
 use crate::systemd::{self, Notice};
@@ -48,19 +50,17 @@ enum Timer {
     Watchdog,
     /// Stop waiting for the workers to answer a forced stop or a dump.
     GiveUp,
+    /// The end of the lame duck: the drain begins.
+    DrainDelayEnd,
 }
 
 /// The process: the supervisor's loop and the workers it deals connections to.
 pub struct Supervisor {
     poll: Poll,
-    listener: Option<Listener>,
-    /// Accepting is paused until the `AcceptResume` deadline (out of descriptors).
-    accept_paused: bool,
-    /// `accept` has failed for want of resources and not succeeded since: one episode, one
-    /// log line (a retry every pause would flood the log).
-    accept_exhausted: bool,
-    /// A connection over `--max-connections` was refused and not yet logged as recovered.
-    over_limit: bool,
+    /// The API listener; `None` once the drain has closed it.
+    acceptor: Option<Acceptor>,
+    /// The admin listener (`--admin-addr`, or systemd's socket named `admin`) and its connections.
+    admin: Option<Admin>,
     signals: Signals,
     reports: Inbox<Report>,
     crew: Crew,
@@ -69,6 +69,8 @@ pub struct Supervisor {
     now: Instant,
     epoch: Instant,
     shutdown_timeout: Duration,
+    /// The lame duck before the drain (`--drain-delay`).
+    drain_delay: Duration,
     max_connections: usize,
     /// The descriptor limits found and set at start-up.
     fd_limits: FdLimits,
@@ -94,23 +96,37 @@ impl Supervisor {
         // Before any socket is opened: as many descriptors as the hard limit allows.
         let fd_limits = capacity::raise_fd_limit()?;
         // First, before any descriptor is opened (fd 3 must be systemd's, not our epoll's).
-        let inherited = systemd::inherited_listener()?;
+        let inherited = systemd::inherited_listeners()?;
         let poll = Poll::new()?;
-        let socket_activated = inherited.is_some();
-        let mut listener = match inherited {
+        let socket_activated = inherited.api.is_some();
+        let mut listener = match inherited.api {
             Some(socket) => Listener::adopt(socket)?,
             None => Listener::bind(SocketAddr::new(config.host, config.port))?,
         };
         poll.registry()
             .register(listener.socket_mut(), LISTENER, Interest::READABLE)?;
+        let admin_listener = match (inherited.admin, config.admin_addr) {
+            (Some(socket), _) => Some(Listener::adopt(socket)?),
+            (None, Some(addr)) => Some(Listener::bind(addr).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on the admin address {addr}: {e}"),
+                )
+            })?),
+            (None, None) => None,
+        };
+        let admin = match admin_listener {
+            Some(listener) => Some(Admin::open(listener, poll.registry(), config, &log)?),
+            None => None,
+        };
         let mut signals = Signals::new(HANDLED_SIGNALS)?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let (report_outbox, reports) = mailbox(poll.registry())?;
         let epoch = Instant::now();
         let workers = config.workers.resolve();
-        let crew = Crew::prepare(workers, &report_outbox, epoch)?;
         let cap = capacity::connection_cap(config.max_connections, fd_limits.soft, workers);
+        let crew = Crew::prepare(workers, cap.max_connections, &report_outbox, epoch)?;
         if let Some(asked) = cap.lowered_from {
             warn!(log, "--max-connections is more than the descriptor limit allows, lowering it";
                   "asked" => asked, "max_connections" => cap.max_connections, "max_fds" => fd_limits.soft,
@@ -119,10 +135,8 @@ impl Supervisor {
         Ok(Supervisor {
             poll,
             addr: listener.addr(),
-            listener: Some(listener),
-            accept_paused: false,
-            accept_exhausted: false,
-            over_limit: false,
+            acceptor: Some(Acceptor::new(listener)),
+            admin,
             signals,
             reports,
             crew,
@@ -131,6 +145,7 @@ impl Supervisor {
             now: epoch,
             epoch,
             shutdown_timeout: config.shutdown_timeout,
+            drain_delay: config.drain_delay,
             max_connections: cap.max_connections,
             fd_limits,
             socket_activated,
@@ -148,6 +163,31 @@ impl Supervisor {
         self.addr
     }
 
+    /// The admin listener's address, if it is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(Admin::addr)
+    }
+
+    fn admin_timeout(&self, now: Instant) -> Option<Duration> {
+        self.admin.as_ref().and_then(|admin| admin.timeout(now))
+    }
+
+    /// What the admin probes answer at this wake-up: ready only while serving (not in the lame
+    /// duck or the drain), alive while every worker's loop turns (the watchdog's signal).
+    fn update_probes(&mut self) {
+        let Some(admin) = &mut self.admin else {
+            return;
+        };
+        let probes = Probes {
+            ready: self.phase == Phase::Serving,
+            alive: self
+                .crew
+                .stalled(millis_since(self.epoch, self.now), STALL_LIMIT)
+                .is_empty(),
+        };
+        admin.update(probes);
+    }
+
     /// Starts the workers, then runs the loop until the phase is `Stopped`; returns how to exit.
     pub fn run(mut self) -> Exit {
         if let Err(e) = self.crew.spawn(&self.config, &self.log) {
@@ -161,9 +201,11 @@ impl Supervisor {
             info!(self.log, "using the listening socket passed by systemd; --host and --port are ignored";
                   "addr" => %self.addr);
         }
+        let admin_addr = self.admin.as_ref().map(Admin::addr);
         info!(self.log, "starting server"; "addr" => %self.addr, "env" => self.env.as_str(),
               "workers" => self.crew.len(), "max_fds" => self.fd_limits.soft,
-              "max_connections" => self.max_connections);
+              "max_connections" => self.max_connections,
+              "admin_addr" => admin_addr.map(|addr| addr.to_string()));
         self.tell_systemd(Notice::Ready(&format!("serving on {}", self.addr)));
         if let Some(interval) = self.watchdog {
             self.tell_systemd(Notice::Watchdog);
@@ -180,7 +222,11 @@ impl Supervisor {
             if let Phase::Stopped(exit) = self.phase {
                 return exit;
             }
-            let timeout = self.timers.timeout(Instant::now());
+            let now = Instant::now();
+            let timeout = match (self.timers.timeout(now), self.admin_timeout(now)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if interrupted(&e) {
                     continue;
@@ -189,15 +235,28 @@ impl Supervisor {
                 return Exit::Forced;
             }
             self.now = Instant::now();
+            self.update_probes();
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_ready(),
                     SIGNALS => self.on_signals(),
                     WAKER => self.on_reports(),
-                    _ => {}
+                    ADMIN_LISTENER => {
+                        if let Some(admin) = &mut self.admin {
+                            admin.accept_ready(self.poll.registry());
+                        }
+                    }
+                    _ => {
+                        if let Some(admin) = &mut self.admin {
+                            admin.on_event(self.poll.registry(), event);
+                        }
+                    }
                 }
             }
             self.expire_timers();
+            if let Some(admin) = &mut self.admin {
+                admin.expire(self.poll.registry());
+            }
         }
     }
 
@@ -236,63 +295,33 @@ impl Supervisor {
         }
     }
 
-    /// Accepts until the queue is empty (edge-triggered: one event may stand for many), deals
-    /// the connections out, then wakes each worker that got one: one wake-up per batch.
+    /// Accepts until the queue is empty and deals the connections out, then wakes each worker
+    /// that got one: one wake-up per worker per batch.
     fn accept_ready(&mut self) {
-        if self.accept_paused {
+        let Some(acceptor) = &mut self.acceptor else {
             return;
-        }
-        while let Some(listener) = &self.listener {
-            match listener.accept() {
-                Accept::Conn(stream, peer) => {
-                    if self.accept_exhausted {
-                        info!(self.log, "accepting again"; "connections" => self.crew.open());
-                        self.accept_exhausted = false;
-                    }
-                    self.hand_off(stream, peer);
-                }
-                Accept::Empty => break,
-                Accept::Exhausted(e) => {
-                    if !self.accept_exhausted {
-                        warn!(self.log, "cannot accept, pausing until descriptors free up"; "error" => %e,
-                              "retry_ms" => ACCEPT_PAUSE.as_millis() as u64, "connections" => self.crew.open());
-                        self.accept_exhausted = true;
-                    }
-                    self.accept_paused = true;
-                    let resume = self.now + ACCEPT_PAUSE;
-                    self.timers
-                        .reschedule(Timer::AcceptResume, None, Some(resume));
-                    break;
-                }
-            }
+        };
+        let crew = &mut self.crew;
+        let log = &self.log;
+        let open = crew.open();
+        let resume = acceptor.accept_all(
+            self.now,
+            log,
+            || open,
+            |stream, peer| crew.admit(stream, peer, log),
+        );
+        if let Some(resume) = resume {
+            self.timers
+                .reschedule(Timer::AcceptResume, None, Some(resume));
         }
         self.crew.wake_dealt();
-    }
-
-    /// Gives an accepted connection to the next worker, or closes it when the process holds
-    /// `--max-connections` already.
-    fn hand_off(&mut self, stream: mio::net::TcpStream, peer: SocketAddr) {
-        if self.crew.at_limit(self.max_connections) {
-            if !self.over_limit {
-                warn!(self.log, "max connections reached, closing new connections";
-                      "max_connections" => self.max_connections);
-                self.over_limit = true;
-            }
-            drop(stream);
-            return;
-        }
-        if self.over_limit {
-            info!(self.log, "below max connections again"; "connections" => self.crew.open());
-            self.over_limit = false;
-        }
-        self.crew.deal(stream, peer);
     }
 
     fn on_signals(&mut self) {
         let raw: Vec<libc::c_int> = self.signals.pending().collect();
         for signal in raw.into_iter().filter_map(Signal::from_raw) {
             match self.phase.on_signal(signal) {
-                Transition::BeginDrain => self.begin_drain(signal),
+                Transition::BeginDrain => self.begin_shutdown(signal),
                 Transition::ForceStop => {
                     error!(self.log, "second signal while draining, forcing shutdown";
                            "signal" => signal.name(), "connections" => self.crew.draining_open());
@@ -304,23 +333,60 @@ impl Supervisor {
         }
     }
 
+    /// The first SIGINT/SIGTERM: with a drain delay, the lame duck (announce the departure and
+    /// keep serving while the fleet reacts), else the drain at once. Either way one
+    /// `shutting down server` line, logged at once.
+    fn begin_shutdown(&mut self, signal: Signal) {
+        if self.drain_delay.is_zero() {
+            self.begin_drain(Some(signal));
+            return;
+        }
+        let until = self.now + self.drain_delay;
+        info!(self.log, "shutting down server"; "signal" => signal.name(),
+              "connections" => self.crew.open(), "timeout_ms" => self.shutdown_timeout.as_millis() as u64,
+              "drain_delay" => human(self.drain_delay), "drain_delay_ms" => self.drain_delay.as_millis() as u64);
+        self.phase = Phase::LameDuck { until };
+        self.timers
+            .reschedule(Timer::DrainDelayEnd, None, Some(until));
+        let status = format!("lame duck: draining in {}", human(self.drain_delay));
+        self.tell_systemd(Notice::Stopping(&status));
+        // Listener and idle connections stay open; responses from now on say close.
+        self.crew.tell_all(|| Command::CloseEveryResponse);
+    }
+
     /// Stop accepting (after dealing out what is queued: closing a listener resets its queue),
-    /// then tell every worker to drain, with one deadline for the process.
-    fn begin_drain(&mut self, signal: Signal) {
+    /// then tell every worker to drain, with one deadline for the process, counted from now
+    /// (the end of the lame duck, if there was one). `signal` is the one that began the
+    /// shutdown, when `shutting down server` is still to be logged (no lame duck).
+    fn begin_drain(&mut self, signal: Option<Signal>) {
         let deadline = self.now + self.shutdown_timeout;
         // Our own listener: take what is queued, since closing it resets those connections.
         // systemd's: leave the queue to the next process (systemd keeps the socket open).
         if !self.socket_activated {
-            self.accept_paused = false;
+            if let Some(acceptor) = &mut self.acceptor {
+                acceptor.resume();
+            }
             self.accept_ready();
         }
-        if let Some(mut listener) = self.listener.take() {
-            let _ = self.poll.registry().deregister(listener.socket_mut());
+        if let Some(mut acceptor) = self.acceptor.take() {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(acceptor.listener_mut().socket_mut());
         }
         let open = self.crew.open();
-        // Logged once the listener is closed: from this line on, new connections are refused.
-        info!(self.log, "shutting down server"; "signal" => signal.name(),
-              "connections" => open, "timeout_ms" => self.shutdown_timeout.as_millis() as u64);
+        match signal {
+            // Logged once the listener is closed: from this line on, new connections are refused.
+            Some(signal) => {
+                info!(self.log, "shutting down server"; "signal" => signal.name(),
+                      "connections" => open, "timeout_ms" => self.shutdown_timeout.as_millis() as u64,
+                      "drain_delay" => human(self.drain_delay), "drain_delay_ms" => 0u64);
+            }
+            None => {
+                info!(self.log, "drain delay over, draining"; "connections" => open,
+                      "timeout_ms" => self.shutdown_timeout.as_millis() as u64);
+            }
+        }
         self.phase = Phase::Draining { deadline };
         self.timers
             .reschedule(Timer::ShutdownDeadline, None, Some(deadline));
@@ -354,7 +420,7 @@ impl Supervisor {
     fn on_reports(&mut self) {
         while let Some(report) = self.reports.next() {
             if let Some(ended) = self.crew.apply(report)
-                && self.phase == Phase::Serving
+                && matches!(self.phase, Phase::Serving | Phase::LameDuck { .. })
             {
                 self.worker_lost(ended.worker);
             }
@@ -398,7 +464,7 @@ impl Supervisor {
                 self.phase = Phase::Stopped(Exit::Quit);
             }
             Phase::Ending(exit) if self.crew.all_stopped() => self.phase = Phase::Stopped(exit),
-            Phase::Serving | Phase::Ending(_) | Phase::Stopped(_) => {}
+            Phase::Serving | Phase::LameDuck { .. } | Phase::Ending(_) | Phase::Stopped(_) => {}
         }
     }
 
@@ -414,10 +480,17 @@ impl Supervisor {
                     }
                 }
                 Timer::AcceptResume => {
-                    self.accept_paused = false;
+                    if let Some(acceptor) = &mut self.acceptor {
+                        acceptor.resume();
+                    }
                     self.accept_ready();
                 }
                 Timer::Watchdog => self.feed_watchdog(),
+                Timer::DrainDelayEnd => {
+                    if matches!(self.phase, Phase::LameDuck { .. }) {
+                        self.begin_drain(None);
+                    }
+                }
                 Timer::GiveUp => {
                     if let Phase::Ending(exit) = self.phase {
                         let silent = self.crew.silent();
@@ -455,6 +528,16 @@ impl Supervisor {
     }
 }
 
+/// A duration as people write it: `1s`, `250ms`, `1.5s`.
+fn human(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    match (millis % 1000, millis / 1000) {
+        (0, seconds) => format!("{seconds}s"),
+        (ms, 0) => format!("{ms}ms"),
+        (ms, seconds) => format!("{seconds}.{}s", format!("{ms:03}").trim_end_matches('0')),
+    }
+}
+
 /// The status line `systemctl status` shows while draining.
 fn draining_status(open: usize) -> String {
     match open {
@@ -464,63 +547,4 @@ fn draining_status(open: usize) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::io::{Read, Write};
-    use std::sync::{Arc, Mutex};
-
-    use clap::Parser;
-    use slog::{Drain, Level, OwnedKVList, Record};
-
-    use super::*;
-
-    /// Keeps every log line's level and message.
-    #[derive(Clone, Default)]
-    struct Lines(Arc<Mutex<Vec<(Level, String)>>>);
-
-    impl Drain for Lines {
-        type Ok = ();
-        type Err = slog::Never;
-        fn log(&self, record: &Record<'_>, _: &OwnedKVList) -> Result<(), slog::Never> {
-            if let Ok(mut lines) = self.0.lock() {
-                lines.push((record.level(), record.msg().to_string()));
-            }
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn a_worker_that_ends_unexpectedly_stops_the_process_with_exit_1() {
-        let args = ["greenlight", "--host", "127.0.0.1", "--port", "0"];
-        let config = Config::try_parse_from(args.into_iter().chain(["--workers", "2"])).unwrap();
-        let lines = Lines::default();
-        let log = Logger::root(lines.clone().fuse(), slog::o!());
-        let supervisor = Supervisor::bind(&config, log).unwrap();
-        let addr = supervisor.addr();
-        let reports = supervisor.crew.report_outbox().unwrap();
-        let (exit_tx, exit) = std::sync::mpsc::channel();
-        std::thread::spawn(move || exit_tx.send(supervisor.run()));
-
-        // Serving: a request is answered (so the workers are up), then worker 1 "dies".
-        let mut client = std::net::TcpStream::connect(addr).unwrap();
-        client
-            .write_all(b"GET /v1/healthcheck HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut head = [0u8; 12];
-        client.read_exact(&mut head).unwrap();
-        assert_eq!(&head, b"HTTP/1.1 200");
-        reports.send(Report::Gone(1));
-
-        let exit = exit.recv_timeout(Duration::from_secs(10));
-        assert_eq!(
-            exit,
-            Ok(Exit::Forced),
-            "the process must not go on without a worker"
-        );
-        let lines = lines.0.lock().unwrap();
-        assert!(
-            lines.iter().any(|(level, msg)| *level == Level::Critical
-                && msg == "worker stopped unexpectedly, stopping the process"),
-            "{lines:?}"
-        );
-    }
-}
+mod tests;

@@ -4,16 +4,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use mio::net::TcpStream;
 use mio::{Events, Poll};
 use slog::{Logger, error};
 
 use crate::app::App;
-use crate::config::{Config, enabled};
-use crate::conn::{Close, Context, Table, Timeouts, Wake, interrupted};
-use crate::http::{DateCache, Limits};
+use crate::config::Config;
+use crate::conn::{Close, Shared, Table, Wake, interrupted};
 use crate::mailbox::{Command, HEARTBEAT_INTERVAL, Inbox, Outbox, Report, WAKER, WorkerStats};
 use crate::shutdown::Exit;
 
@@ -54,31 +53,6 @@ pub struct Worker {
     log: Logger,
 }
 
-/// What every connection reads while it runs: the fixed configuration, and the time and
-/// date of the current wake-up. Kept apart from the connections so both can be borrowed at once.
-struct Shared {
-    now: Instant,
-    date: DateCache,
-    app: App,
-    limits: Limits,
-    timeouts: Timeouts,
-    /// The lame duck (or an upgrade's grace): every response says `Connection: close`.
-    closing: bool,
-}
-
-impl Shared {
-    fn context(&self) -> Context<'_> {
-        Context {
-            now: self.now,
-            date: self.date.value(),
-            app: &self.app,
-            limits: &self.limits,
-            timeouts: &self.timeouts,
-            closing: self.closing,
-        }
-    }
-}
-
 /// What the supervisor hands a worker when it creates it.
 pub struct Setup {
     /// Index `0..N`, as in the thread name `worker-{index}` and the `worker` log field.
@@ -110,18 +84,7 @@ impl Worker {
             table: Table::new(0),
             next_beat: now,
             phase: Phase::Serving,
-            shared: Shared {
-                now,
-                date: DateCache::new(SystemTime::now()),
-                app: App::api(config.env, config.healthcheck_delay),
-                limits: config.limits(),
-                timeouts: Timeouts {
-                    read: enabled(config.read_timeout),
-                    idle: enabled(config.idle_timeout),
-                    write: enabled(config.write_timeout),
-                },
-                closing: false,
-            },
+            shared: Shared::new(App::api(config.env, config.healthcheck_delay), config),
             reported_open: None,
             log: log.new(slog::o!("worker" => setup.index)),
         }
@@ -145,8 +108,7 @@ impl Worker {
                 error!(self.log, "poll failed"; "error" => %e);
                 return Exit::Forced;
             }
-            self.shared.now = Instant::now();
-            self.shared.date.update(SystemTime::now());
+            self.shared.tick();
             let draining = self.phase == Phase::Draining;
             for event in events.iter() {
                 if event.token() == WAKER {

@@ -16,7 +16,7 @@ use slog::{Logger, info};
 
 pub use buffer::{InputBuf, READ_BUFFER_BYTES, Scratch};
 pub use machine::{Context, Expiry, Machine, Timeouts};
-pub use table::Table;
+pub use table::{Shared, Table};
 
 /// How long a connection that was answered while the peer may still be sending is kept
 /// half-closed, reading and discarding, before it is closed. Closing with unread input makes

@@ -10,8 +10,64 @@ use mio::{Interest, Registry, Token};
 use slab::Slab;
 use slog::{Logger, debug, info, warn};
 
-use super::{Close, Connection, Context, Scratch, Wake};
+use std::time::SystemTime;
+
+use super::{Close, Connection, Context, Scratch, Timeouts, Wake};
+use crate::app::App;
+use crate::config::{Config, enabled};
+use crate::http::{DateCache, Limits};
 use crate::timers::Timers;
+
+/// What every connection of a loop reads while it runs: the configuration, the application,
+/// and the time and date of the current wake-up. Kept apart from the [`Table`] so both can be
+/// borrowed at once.
+pub struct Shared {
+    /// This wake-up's time.
+    pub now: Instant,
+    date: DateCache,
+    /// The application the loop's listener serves.
+    pub app: App,
+    limits: Limits,
+    timeouts: Timeouts,
+    /// Every response says `Connection: close` (the lame duck, an upgrade's grace).
+    pub closing: bool,
+}
+
+impl Shared {
+    /// The configuration's limits and timeouts, serving `app`.
+    pub fn new(app: App, config: &Config) -> Shared {
+        Shared {
+            now: Instant::now(),
+            date: DateCache::new(SystemTime::now()),
+            app,
+            limits: config.limits(),
+            timeouts: Timeouts {
+                read: enabled(config.read_timeout),
+                idle: enabled(config.idle_timeout),
+                write: enabled(config.write_timeout),
+            },
+            closing: false,
+        }
+    }
+
+    /// A new wake-up: the time now, and the `Date` value if the second changed.
+    pub fn tick(&mut self) {
+        self.now = Instant::now();
+        self.date.update(SystemTime::now());
+    }
+
+    /// What a connection sees while it runs.
+    pub fn context(&self) -> Context<'_> {
+        Context {
+            now: self.now,
+            date: self.date.value(),
+            app: &self.app,
+            limits: &self.limits,
+            timeouts: &self.timeouts,
+            closing: self.closing,
+        }
+    }
+}
 
 /// A loop's connections, registered under tokens `first_token + key`.
 pub struct Table {

@@ -1,0 +1,111 @@
+//! The admin listener (`/readyz`, `/livez`): served by the supervisor's loop with the API's HTTP
+//! parser, limits and timeouts, open through the lame duck and the drain until the process
+//! exits. Its connections never hold up the exit.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::event::Event;
+use mio::{Interest, Registry, Token};
+use slog::{Logger, debug, warn};
+
+use crate::app::{App, Probes};
+use crate::config::Config;
+use crate::conn::{Shared, Table};
+use crate::listener::{Accept, Listener};
+
+/// The admin listener's token in the supervisor's poll.
+pub const ADMIN_LISTENER: Token = Token(2);
+
+/// Admin connections use tokens from here on (below are the supervisor's own).
+const FIRST_CONN_TOKEN: usize = 16;
+
+/// Admin connections held at once: probes and scrapers come a few at a time; more is a client
+/// misbehaving, and they come out of the descriptor reserve (`capacity::FD_RESERVE_BASE`).
+pub const MAX_ADMIN_CONNECTIONS: usize = 16;
+
+/// The admin listener and its connections.
+pub struct Admin {
+    listener: Listener,
+    table: Table,
+    shared: Shared,
+    /// A connection over [`MAX_ADMIN_CONNECTIONS`] was refused and not yet logged as recovered.
+    over_limit: bool,
+    log: Logger,
+}
+
+impl Admin {
+    /// Serves `listener` from the loop owning `registry`.
+    pub fn open(
+        mut listener: Listener,
+        registry: &Registry,
+        config: &Config,
+        log: &Logger,
+    ) -> io::Result<Admin> {
+        registry.register(listener.socket_mut(), ADMIN_LISTENER, Interest::READABLE)?;
+        Ok(Admin {
+            listener,
+            table: Table::new(FIRST_CONN_TOKEN),
+            shared: Shared::new(App::admin(), config),
+            over_limit: false,
+            log: log.new(slog::o!("listener" => "admin")),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.listener.addr()
+    }
+
+    /// The time of this wake-up and what the probes answer now.
+    pub fn update(&mut self, probes: Probes) {
+        self.shared.tick();
+        self.shared.app.set_probes(probes);
+    }
+
+    /// Accepts until the queue is empty; one over [`MAX_ADMIN_CONNECTIONS`] is closed at once.
+    pub fn accept_ready(&mut self, registry: &Registry) {
+        loop {
+            match self.listener.accept() {
+                Accept::Conn(stream, peer) => {
+                    if self.table.open() >= MAX_ADMIN_CONNECTIONS {
+                        if !self.over_limit {
+                            warn!(self.log, "too many admin connections, closing new ones";
+                                  "max" => MAX_ADMIN_CONNECTIONS);
+                            self.over_limit = true;
+                        }
+                        continue;
+                    }
+                    self.over_limit = false;
+                    let cx = self.shared.context();
+                    self.table.adopt(registry, stream, peer, &cx, &self.log);
+                }
+                Accept::Empty => return,
+                // Out of descriptors: the next probe's connection retries (edge-triggered).
+                Accept::Exhausted(e) => {
+                    debug!(self.log, "cannot accept an admin connection"; "error" => %e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Readiness of one of the admin connections.
+    pub fn on_event(&mut self, registry: &Registry, event: &Event) {
+        let cx = self.shared.context();
+        self.table.on_event(registry, event, &cx, false, &self.log);
+    }
+
+    /// The poll timeout the admin connections ask for.
+    pub fn timeout(&self, now: Instant) -> Option<Duration> {
+        self.table.timeout(now)
+    }
+
+    /// Drives the admin connections whose deadline is due, then frees the closed ones.
+    pub fn expire(&mut self, registry: &Registry) {
+        let cx = self.shared.context();
+        self.table.expire(registry, &cx, false, &self.log);
+        self.table.free_closed();
+    }
+}
