@@ -12,6 +12,9 @@ pub const FD_RESERVE_BASE: u64 = 32;
 /// Descriptors each worker keeps for itself: its epoll and its waker's eventfd.
 pub const FD_RESERVE_PER_WORKER: u64 = 2;
 
+/// The descriptor limit assumed if it cannot be read: the usual soft default of a shell.
+pub const ASSUMED_FD_LIMIT: u64 = 1024;
+
 /// The largest cap `auto` gives, as for an explicit `--max-connections`.
 pub const MAX_CONNECTIONS_CEILING: usize = 1_000_000;
 

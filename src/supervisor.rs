@@ -94,7 +94,16 @@ impl Supervisor {
     /// handled gracefully.
     pub fn bind(config: &Config, log: Logger) -> io::Result<Supervisor> {
         // Before any socket is opened: as many descriptors as the hard limit allows.
-        let fd_limits = capacity::raise_fd_limit()?;
+        let fd_limits = capacity::raise_fd_limit().unwrap_or_else(|e| {
+            let assumed = capacity::ASSUMED_FD_LIMIT;
+            warn!(log, "cannot read the descriptor limit, assuming the usual soft limit";
+                  "error" => %e, "max_fds" => assumed);
+            FdLimits {
+                original_soft: assumed,
+                soft: assumed,
+                hard: assumed,
+            }
+        });
         // First, before any descriptor is opened (fd 3 must be systemd's, not our epoll's).
         let inherited = systemd::inherited_listeners()?;
         let poll = Poll::new()?;

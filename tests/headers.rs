@@ -102,3 +102,14 @@ fn a_408_carries_the_security_headers() {
     stream.write_all(b"GET /v1/health").unwrap();
     assert_headers("408", &read_response(&mut stream), 408);
 }
+
+#[test]
+fn admin_responses_carry_them_too_503_included() {
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut server = spawn_server(&["--admin-addr", &admin, "--drain-delay", "30s"]);
+    let admin = admin_addr(&mut server);
+    assert_headers("admin 200", &get(admin, "/readyz"), 200);
+    assert_headers("admin 404", &get(admin, "/nope"), 404);
+    server.terminate();
+    assert_headers("admin 503", &get(admin, "/readyz"), 503);
+}

@@ -190,3 +190,86 @@ fn listen_fds_naming_a_closed_descriptor_fails_to_start_cleanly() {
         "{text}"
     );
 }
+
+#[test]
+fn the_watchdog_is_not_fed_while_a_worker_loop_is_stuck() {
+    let (socket, path, dir) = notify_socket();
+    let server = spawn_server_with_env(
+        &["--workers", "2"],
+        &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "400000")],
+    );
+    assert!(next_message(&socket).starts_with("READY=1\n"));
+    assert_eq!(next_message(&socket), "WATCHDOG=1\n");
+    let tids = support::thread_ids(server.pid, "worker-1");
+    let stuck = support::StoppedThread::stop(tids[0]);
+    // Pings may go on until the stuck worker's last heartbeat is a second old; after that none
+    // for as long as it stays stuck.
+    let stuck_at = Instant::now();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let mut last_ping = stuck_at;
+    while stuck_at.elapsed() < Duration::from_millis(3000) {
+        if let Ok(n) = socket.recv(&mut buf) {
+            if &buf[..n] == b"WATCHDOG=1\n" {
+                last_ping = Instant::now();
+            }
+        }
+    }
+    assert!(
+        last_ping - stuck_at < Duration::from_millis(1600),
+        "WATCHDOG=1 went on {:?} after a worker got stuck",
+        last_ping - stuck_at
+    );
+    drop(stuck);
+    socket.set_read_timeout(Some(PROMPTLY)).unwrap();
+    while next_message(&socket) != "WATCHDOG=1\n" {}
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn socket_activation_tells_the_api_and_admin_sockets_apart_by_name() {
+    // Passed in the "wrong" order on purpose: names decide, not positions.
+    let admin = TcpListener::bind("127.0.0.1:0").unwrap();
+    let api = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (admin_addr, api_addr) = (admin.local_addr().unwrap(), api.local_addr().unwrap());
+    let (admin_fd, api_fd) = (admin.as_raw_fd(), api.as_raw_fd());
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(r#"LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=admin:api exec "$0" --log-format json"#)
+        .arg(env!("CARGO_BIN_EXE_greenlight"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: dup2 is async-signal-safe. Move both out of the way first, then to 3 and 4
+    // (dup2 clears close-on-exec on the copy).
+    unsafe {
+        command.pre_exec(move || {
+            let (a, b) = (libc::dup(admin_fd), libc::dup(api_fd));
+            if a < 0 || b < 0 || libc::dup2(a, 3) < 0 || libc::dup2(b, 4) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(a);
+            libc::close(b);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    drop((admin, api));
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let started = loop {
+        let text = lines.next().expect("a log line").unwrap();
+        let line: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        if line["msg"] == "starting server" {
+            break line;
+        }
+    };
+    assert_eq!(started["addr"], api_addr.to_string(), "{started}");
+    assert_eq!(started["admin_addr"], admin_addr.to_string(), "{started}");
+    assert_eq!(get(admin_addr, "/readyz").status, 200);
+    assert_eq!(get(api_addr, "/v1/healthcheck").status, 200);
+    send_signal(child.id() as i32, libc::SIGTERM);
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

@@ -336,3 +336,88 @@ pub fn read_to_close(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     stream.read_to_end(&mut rest)?;
     Ok(rest)
 }
+
+/// The admin listener's address from the `starting server` line (`--admin-addr` given).
+pub fn admin_addr(server: &mut Server) -> SocketAddr {
+    let started = server
+        .wait_for_log("starting server", PROMPTLY)
+        .expect("starting server");
+    started["admin_addr"]
+        .as_str()
+        .expect("admin_addr field")
+        .parse()
+        .expect("admin_addr parses")
+}
+
+/// A free port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One `GET` (or whatever `raw` says) on a new connection to `addr`.
+pub fn request_to(addr: SocketAddr, raw: &[u8]) -> Response {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(PROMPTLY)).unwrap();
+    stream.write_all(raw).unwrap();
+    read_response(&mut stream)
+}
+
+/// `GET path` on a new connection to `addr`.
+pub fn get(addr: SocketAddr, path: &str) -> Response {
+    request_to(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes(),
+    )
+}
+
+/// The thread ids of the process's threads named `name`.
+pub fn thread_ids(pid: i32, name: &str) -> Vec<i32> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task") {
+        let path = entry.unwrap().path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            ids.push(path.file_name().unwrap().to_str().unwrap().parse().unwrap());
+        }
+    }
+    ids
+}
+
+/// One thread of another process held stopped (ptrace seize + interrupt stops that thread
+/// alone, unlike SIGSTOP, which stops the whole process): a worker loop stuck as if in a busy
+/// loop or a blocking call. Released on drop.
+pub struct StoppedThread(i32);
+
+impl StoppedThread {
+    /// Stops thread `tid` and waits until it is stopped.
+    pub fn stop(tid: i32) -> StoppedThread {
+        // SAFETY: plain ptrace/waitpid calls on a thread of our own child.
+        unsafe {
+            let null = std::ptr::null_mut::<libc::c_void>();
+            assert_eq!(
+                libc::ptrace(libc::PTRACE_SEIZE, tid, null, null),
+                0,
+                "ptrace seize: {}",
+                std::io::Error::last_os_error()
+            );
+            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, tid, null, null), 0);
+            let mut status = 0;
+            assert_eq!(libc::waitpid(tid, &mut status, libc::__WALL), tid);
+        }
+        StoppedThread(tid)
+    }
+}
+
+impl Drop for StoppedThread {
+    fn drop(&mut self) {
+        // SAFETY: detaching resumes the thread we seized.
+        unsafe {
+            let null = std::ptr::null_mut::<libc::c_void>();
+            libc::ptrace(libc::PTRACE_DETACH, self.0, null, null);
+        }
+    }
+}
