@@ -211,10 +211,10 @@ fn the_watchdog_is_not_fed_while_a_worker_loop_is_stuck() {
     let mut buf = [0u8; 64];
     let mut last_ping = stuck_at;
     while stuck_at.elapsed() < Duration::from_millis(3000) {
-        if let Ok(n) = socket.recv(&mut buf) {
-            if &buf[..n] == b"WATCHDOG=1\n" {
-                last_ping = Instant::now();
-            }
+        if let Ok(n) = socket.recv(&mut buf)
+            && &buf[..n] == b"WATCHDOG=1\n"
+        {
+            last_ping = Instant::now();
         }
     }
     assert!(
