@@ -1,9 +1,10 @@
-//! The admin listener (`/readyz`, `/livez`): served by the supervisor's loop with the API's HTTP
+//! The admin listener (`/readyz`, `/livez`, `/metrics`, `/debug/vars`): served by the supervisor's loop with the API's HTTP
 //! parser, limits and timeouts, open through the lame duck and the drain until the process
 //! exits. Its connections never hold up the exit.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::event::Event;
@@ -13,7 +14,9 @@ use slog::{Logger, debug, warn};
 use crate::app::{App, Probes};
 use crate::config::Config;
 use crate::conn::{Shared, Table};
+use crate::exposition::{Exposition, ProcessView};
 use crate::listener::{Accept, Listener};
+use crate::metrics::LoopMetrics;
 
 /// The admin listener's token in the supervisor's poll.
 pub const ADMIN_LISTENER: Token = Token(2);
@@ -36,18 +39,21 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Serves `listener` from the loop owning `registry`.
+    /// Serves `listener` from the loop owning `registry`; its scrapes read `workers`.
     pub fn open(
         mut listener: Listener,
         registry: &Registry,
         config: &Config,
+        workers: Vec<Arc<LoopMetrics>>,
         log: &Logger,
     ) -> io::Result<Admin> {
         registry.register(listener.socket_mut(), ADMIN_LISTENER, Interest::READABLE)?;
+        let metrics = Arc::new(LoopMetrics::default());
+        let exposition = Exposition::new(workers, metrics.clone());
         Ok(Admin {
             listener,
-            table: Table::new(FIRST_CONN_TOKEN),
-            shared: Shared::new(App::admin(), config),
+            table: Table::new(FIRST_CONN_TOKEN, metrics.clone()),
+            shared: Shared::new(App::admin(exposition), config, metrics),
             over_limit: false,
             log: log.new(slog::o!("listener" => "admin")),
         })
@@ -58,10 +64,10 @@ impl Admin {
         self.listener.addr()
     }
 
-    /// The time of this wake-up and what the probes answer now.
-    pub fn update(&mut self, probes: Probes) {
+    /// The time of this wake-up, and what the probes and scrapes answer now.
+    pub fn update(&mut self, probes: Probes, view: ProcessView) {
         self.shared.tick();
-        self.shared.app.set_probes(probes);
+        self.shared.app.set_state(probes, view);
     }
 
     /// Accepts until the queue is empty; one over [`MAX_ADMIN_CONNECTIONS`] is closed at once.

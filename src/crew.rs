@@ -14,6 +14,7 @@ use slog::{Logger, info, warn};
 
 use crate::config::Config;
 use crate::mailbox::{Command, Outbox, Report, WorkerStats, mailbox, stalled};
+use crate::metrics::LoopMetrics;
 use crate::shutdown::Exit;
 use crate::worker::{Setup, Worker};
 
@@ -36,6 +37,7 @@ enum WorkerState {
 struct Slot {
     outbox: Outbox<Command>,
     stats: Arc<WorkerStats>,
+    metrics: Arc<LoopMetrics>,
     /// Connections handed to it, ever.
     handed: u64,
     /// Connections were queued for it since its last wake-up.
@@ -78,6 +80,10 @@ pub struct Crew {
     max_connections: usize,
     /// A connection over the cap was refused and not yet logged as recovered.
     over_limit: bool,
+    /// Connections accepted, ever (those over the cap included).
+    accepted: u64,
+    /// Connections closed at once for being over the cap, ever.
+    refused: u64,
 }
 
 impl Crew {
@@ -93,9 +99,11 @@ impl Crew {
             let poll = Poll::new()?;
             let (outbox, inbox) = mailbox(poll.registry())?;
             let stats = Arc::new(WorkerStats::default());
+            let metrics = Arc::new(LoopMetrics::default());
             slots.push(Slot {
                 outbox,
                 stats: stats.clone(),
+                metrics: metrics.clone(),
                 handed: 0,
                 needs_wake: false,
                 state: WorkerState::Starting,
@@ -105,6 +113,7 @@ impl Crew {
                     inbox,
                     reports: reports.clone(),
                     stats,
+                    metrics,
                     epoch,
                 }),
             });
@@ -116,6 +125,8 @@ impl Crew {
             closed_seen: 0,
             max_connections,
             over_limit: false,
+            accepted: 0,
+            refused: 0,
         })
     }
 
@@ -147,6 +158,16 @@ impl Crew {
         Ok(())
     }
 
+    /// Every worker's metrics, in index order (for the admin listener's scrapes).
+    pub fn metrics(&self) -> Vec<Arc<LoopMetrics>> {
+        self.slots.iter().map(|slot| slot.metrics.clone()).collect()
+    }
+
+    /// Connections accepted, ever, and of those closed at once for being over the cap.
+    pub fn accept_counts(&self) -> (u64, u64) {
+        (self.accepted, self.refused)
+    }
+
     /// Number of workers.
     pub fn len(&self) -> usize {
         self.slots.len()
@@ -167,7 +188,9 @@ impl Crew {
     /// Deals an accepted connection to the next worker, or closes it at once when the process
     /// holds `--max-connections` already (logged once per episode).
     pub fn admit(&mut self, stream: TcpStream, peer: SocketAddr, log: &Logger) {
+        self.accepted += 1;
         if self.at_limit(self.max_connections) {
+            self.refused += 1;
             if !self.over_limit {
                 warn!(log, "max connections reached, closing new connections";
                       "max_connections" => self.max_connections);

@@ -5,7 +5,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::{Events, Interest, Poll, Token};
 use signal_hook_mio::v1_0::Signals;
@@ -17,6 +17,7 @@ use crate::capacity::{self, FdLimits};
 use crate::config::{Config, Environment};
 use crate::conn::interrupted;
 use crate::crew::Crew;
+use crate::exposition::ProcessView;
 use crate::listener::{Acceptor, Listener};
 use crate::mailbox::{Command, Inbox, Report, STALL_LIMIT, WAKER, mailbox, millis_since};
 use crate::shutdown::{Exit, HANDLED_SIGNALS, Phase, Signal, Transition};
@@ -71,6 +72,11 @@ pub struct Supervisor {
     shutdown_timeout: Duration,
     /// The lame duck before the drain (`--drain-delay`).
     drain_delay: Duration,
+    /// When the first SIGINT/SIGTERM came, and when the drain (after any lame duck) began.
+    shutdown_started: Option<SystemTime>,
+    drain_started: Option<Instant>,
+    /// Times accepting paused for lack of descriptors (kept when the listener is closed).
+    accept_pauses: u64,
     max_connections: usize,
     /// The descriptor limits found and set at start-up.
     fd_limits: FdLimits,
@@ -124,10 +130,7 @@ impl Supervisor {
             })?),
             (None, None) => None,
         };
-        let admin = match admin_listener {
-            Some(listener) => Some(Admin::open(listener, poll.registry(), config, &log)?),
-            None => None,
-        };
+
         let mut signals = Signals::new(HANDLED_SIGNALS)?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
@@ -136,6 +139,16 @@ impl Supervisor {
         let workers = config.workers.resolve();
         let cap = capacity::connection_cap(config.max_connections, fd_limits.soft, workers);
         let crew = Crew::prepare(workers, cap.max_connections, &report_outbox, epoch)?;
+        let admin = match admin_listener {
+            Some(listener) => Some(Admin::open(
+                listener,
+                poll.registry(),
+                config,
+                crew.metrics(),
+                &log,
+            )?),
+            None => None,
+        };
         if let Some(asked) = cap.lowered_from {
             warn!(log, "--max-connections is more than the descriptor limit allows, lowering it";
                   "asked" => asked, "max_connections" => cap.max_connections, "max_fds" => fd_limits.soft,
@@ -155,6 +168,9 @@ impl Supervisor {
             epoch,
             shutdown_timeout: config.shutdown_timeout,
             drain_delay: config.drain_delay,
+            shutdown_started: None,
+            drain_started: None,
+            accept_pauses: 0,
             max_connections: cap.max_connections,
             fd_limits,
             socket_activated,
@@ -194,7 +210,22 @@ impl Supervisor {
                 .stalled(millis_since(self.epoch, self.now), STALL_LIMIT)
                 .is_empty(),
         };
-        admin.update(probes);
+        let (accepted, over_limit) = self.crew.accept_counts();
+        let view = ProcessView {
+            draining: self.phase != Phase::Serving,
+            shutdown_started: self.shutdown_started.map(|at| {
+                at.duration_since(UNIX_EPOCH)
+                    .map_or(0.0, |since| since.as_secs_f64())
+            }),
+            drain_seconds: self.drain_started.map_or(0.0, |at| {
+                self.now.saturating_duration_since(at).as_secs_f64()
+            }),
+            accepted,
+            over_limit,
+            accept_pauses: self.accept_pauses,
+            max_connections: self.max_connections,
+        };
+        admin.update(probes, view);
     }
 
     /// Starts the workers, then runs the loop until the phase is `Stopped`; returns how to exit.
@@ -320,6 +351,7 @@ impl Supervisor {
             |stream, peer| crew.admit(stream, peer, log),
         );
         if let Some(resume) = resume {
+            self.accept_pauses += 1;
             self.timers
                 .reschedule(Timer::AcceptResume, None, Some(resume));
         }
@@ -346,6 +378,7 @@ impl Supervisor {
     /// keep serving while the fleet reacts), else the drain at once. Either way one
     /// `shutting down server` line, logged at once.
     fn begin_shutdown(&mut self, signal: Signal) {
+        self.shutdown_started = Some(SystemTime::now());
         if self.drain_delay.is_zero() {
             self.begin_drain(Some(signal));
             return;
@@ -369,6 +402,7 @@ impl Supervisor {
     /// shutdown, when `shutting down server` is still to be logged (no lame duck).
     fn begin_drain(&mut self, signal: Option<Signal>) {
         let deadline = self.now + self.shutdown_timeout;
+        self.drain_started = Some(self.now);
         // Our own listener: take what is queued, since closing it resets those connections.
         // systemd's: leave the queue to the next process (systemd keeps the socket open).
         if !self.socket_activated {

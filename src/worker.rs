@@ -14,6 +14,7 @@ use crate::app::App;
 use crate::config::Config;
 use crate::conn::{Close, Shared, Table, Wake, interrupted};
 use crate::mailbox::{Command, HEARTBEAT_INTERVAL, Inbox, Outbox, Report, WAKER, WorkerStats};
+use crate::metrics::LoopMetrics;
 use crate::shutdown::Exit;
 
 /// Readiness events taken per `poll` call; more simply wait for the next call.
@@ -63,8 +64,10 @@ pub struct Setup {
     pub inbox: Inbox<Command>,
     /// Reports to the supervisor.
     pub reports: Outbox<Report>,
-    /// This worker's figures.
+    /// This worker's heartbeat and closed count.
     pub stats: Arc<WorkerStats>,
+    /// This worker's request and connection metrics.
+    pub metrics: Arc<LoopMetrics>,
     /// The process's epoch.
     pub epoch: Instant,
 }
@@ -81,10 +84,14 @@ impl Worker {
             reports: setup.reports,
             stats: setup.stats,
             epoch: setup.epoch,
-            table: Table::new(0),
+            table: Table::new(0, setup.metrics.clone()),
             next_beat: now,
             phase: Phase::Serving,
-            shared: Shared::new(App::api(config.env, config.healthcheck_delay), config),
+            shared: Shared::new(
+                App::api(config.env, config.healthcheck_delay),
+                config,
+                setup.metrics,
+            ),
             reported_open: None,
             log: log.new(slog::o!("worker" => setup.index)),
         }

@@ -44,12 +44,14 @@ fuzz_target!(|data: &[u8]| {
         idle: Some(Duration::from_secs(60)),
         write: Some(Duration::from_secs(10)),
     };
+    let metrics = greenlight::metrics::LoopMetrics::default();
     let cx = Context {
         now: Instant::now(),
         date: b"Sun, 06 Nov 1994 08:49:37 GMT",
         app: &app,
         limits: &limits,
         timeouts: &timeouts,
+        metrics: &metrics,
         closing: false,
     };
     let cut = usize::from(selector) * input.len() / 255;

@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::config::Environment;
-use crate::http::{Persistence, ResponseHead, Status, encode};
+use crate::exposition::{Exposition, PROMETHEUS_TEXT, ProcessView};
+use crate::http::{Persistence, ResponseHead, Status, encode, encode_raw};
 
 /// The path of the only resource.
 pub const HEALTHCHECK_PATH: &str = "/v1/healthcheck";
@@ -19,6 +20,12 @@ pub const READYZ_PATH: &str = "/readyz";
 
 /// The admin listener's liveness probe.
 pub const LIVEZ_PATH: &str = "/livez";
+
+/// The admin listener's Prometheus metrics.
+pub const METRICS_PATH: &str = "/metrics";
+
+/// The admin listener's expvar-style counters (the book's `/debug/vars`).
+pub const DEBUG_VARS_PATH: &str = "/debug/vars";
 
 /// The methods every resource allows, for the `Allow` header of a 405.
 const ALLOW: &str = "GET, HEAD";
@@ -32,6 +39,10 @@ pub enum Route {
     Readyz,
     /// `GET` or `HEAD /livez` (admin).
     Livez,
+    /// `GET` or `HEAD /metrics` (admin).
+    Metrics,
+    /// `GET` or `HEAD /debug/vars` (admin).
+    DebugVars,
     /// A path no route serves.
     NotFound,
     /// A known path with a method it does not allow; carries the method for the message.
@@ -60,8 +71,15 @@ enum Kind {
         environment: Environment,
         healthcheck_delay: Duration,
     },
-    /// The admin listener: the probes' answers, kept current by the supervisor.
-    Admin(Probes),
+    /// The admin listener: the probes' answers and what the scrapes read, kept current by the
+    /// supervisor.
+    Admin(Box<AdminState>),
+}
+
+#[derive(Debug, Clone)]
+struct AdminState {
+    probes: Probes,
+    exposition: Exposition,
 }
 
 /// What the admin probes answer.
@@ -119,20 +137,25 @@ impl App {
         }
     }
 
-    /// The admin listener's application: ready and alive until told otherwise.
-    pub fn admin() -> App {
+    /// The admin listener's application, reading `exposition` for its scrapes: ready and
+    /// alive until told otherwise.
+    pub fn admin(exposition: Exposition) -> App {
         App {
-            kind: Kind::Admin(Probes {
-                ready: true,
-                alive: true,
-            }),
+            kind: Kind::Admin(Box::new(AdminState {
+                probes: Probes {
+                    ready: true,
+                    alive: true,
+                },
+                exposition,
+            })),
         }
     }
 
-    /// Updates what the admin probes answer (nothing for the API).
-    pub fn set_probes(&mut self, probes: Probes) {
-        if let Kind::Admin(current) = &mut self.kind {
-            *current = probes;
+    /// Updates what the admin probes and scrapes answer (nothing for the API).
+    pub fn set_state(&mut self, probes: Probes, view: ProcessView) {
+        if let Kind::Admin(state) = &mut self.kind {
+            state.probes = probes;
+            state.exposition.view = view;
         }
     }
 
@@ -145,6 +168,8 @@ impl App {
             (Kind::Api { .. }, HEALTHCHECK_PATH) => Some(Route::Healthcheck),
             (Kind::Admin(_), READYZ_PATH) => Some(Route::Readyz),
             (Kind::Admin(_), LIVEZ_PATH) => Some(Route::Livez),
+            (Kind::Admin(_), METRICS_PATH) => Some(Route::Metrics),
+            (Kind::Admin(_), DEBUG_VARS_PATH) => Some(Route::DebugVars),
             _ => None,
         };
         let route = match found {
@@ -168,14 +193,15 @@ impl App {
         }
     }
 
-    /// Runs the handler for a routed request and appends its response to `out`.
+    /// Runs the handler for a routed request, appends its response to `out`, and returns
+    /// its status.
     pub fn respond(
         &self,
         routed: &Routed,
         persistence: Persistence,
         date: &[u8],
         out: &mut Vec<u8>,
-    ) {
+    ) -> Status {
         let head = |status, allow| ResponseHead {
             status,
             persistence,
@@ -189,39 +215,55 @@ impl App {
                 (Status::ServiceUnavailable, ProbeBody { status: bad })
             }
         };
-        let probes = match self.kind {
-            Kind::Admin(probes) => probes,
-            Kind::Api { .. } => Probes {
-                ready: true,
-                alive: true,
-            },
+        let admin = match &self.kind {
+            Kind::Admin(state) => Some(state.as_ref()),
+            Kind::Api { .. } => None,
         };
-        match &routed.route {
-            Route::Healthcheck => {
+        match (&routed.route, admin) {
+            (Route::Healthcheck, _) => {
                 let environment = match self.kind {
                     Kind::Api { environment, .. } => environment,
                     Kind::Admin(_) => Environment::Development,
                 };
                 let body = healthcheck::report(environment);
                 encode(out, &head(Status::Ok, None), date, &body);
+                Status::Ok
             }
-            Route::Readyz => {
-                let (status, body) = probe(probes.ready, "ready", "draining");
+            (Route::Readyz, Some(state)) => {
+                let (status, body) = probe(state.probes.ready, "ready", "draining");
                 encode(out, &head(status, None), date, &body);
+                status
             }
-            Route::Livez => {
-                let (status, body) = probe(probes.alive, "alive", "stalled");
+            (Route::Livez, Some(state)) => {
+                let (status, body) = probe(state.probes.alive, "alive", "stalled");
                 encode(out, &head(status, None), date, &body);
+                status
             }
-            Route::NotFound => {
+            (Route::Metrics, Some(state)) => {
+                let text = state.exposition.prometheus();
+                let head = head(Status::Ok, None);
+                encode_raw(out, &head, date, PROMETHEUS_TEXT, text.as_bytes());
+                Status::Ok
+            }
+            (Route::DebugVars, Some(state)) => {
+                let vars = state.exposition.debug_vars();
+                encode(out, &head(Status::Ok, None), date, &vars);
+                Status::Ok
+            }
+            (Route::MethodNotAllowed(method), _) => {
+                let head = head(Status::MethodNotAllowed, Some(ALLOW));
+                encode(out, &head, date, &MethodNotAllowedBody(method));
+                Status::MethodNotAllowed
+            }
+            (
+                Route::NotFound | Route::Readyz | Route::Livez | Route::Metrics | Route::DebugVars,
+                _,
+            ) => {
                 let body = ErrorBody {
                     error: "the requested resource could not be found",
                 };
                 encode(out, &head(Status::NotFound, None), date, &body);
-            }
-            Route::MethodNotAllowed(method) => {
-                let head = head(Status::MethodNotAllowed, Some(ALLOW));
-                encode(out, &head, date, &MethodNotAllowedBody(method));
+                Status::NotFound
             }
         }
     }

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use crate::app::{App, ErrorBody, Routed};
 use crate::http::{
-    BodyDecoder, CONTINUE, HttpError, Limits, Persistence, ResponseHead, encode, parse_head,
+    BodyDecoder, CONTINUE, HttpError, Limits, Persistence, ResponseHead, Status, encode, parse_head,
 };
+use crate::metrics::{ConnState, LoopMetrics};
 
 /// Response bytes a connection may have queued before it stops taking further requests off its
 /// input: a client that pipelines requests but never reads the answers costs at most this much.
@@ -38,6 +39,8 @@ pub struct Context<'a> {
     pub limits: &'a Limits,
     /// The timeouts.
     pub timeouts: &'a Timeouts,
+    /// The loop's counters (requests, responses by status, durations).
+    pub metrics: &'a LoopMetrics,
     /// Every response says `Connection: close` (the lame duck, an upgrade's grace).
     pub closing: bool,
 }
@@ -114,6 +117,9 @@ pub struct Machine {
     unread_input: bool,
     /// Responses queued so far.
     served: u64,
+    /// When the current request's first byte arrived (the accept, before any): its response's
+    /// duration is counted from here.
+    started: Instant,
 }
 
 impl Machine {
@@ -129,6 +135,7 @@ impl Machine {
             peer_eof: false,
             unread_input: false,
             served: 0,
+            started: cx.now,
         }
     }
 
@@ -157,6 +164,8 @@ impl Machine {
                     } else {
                         cx.after(cx.timeouts.read)
                     };
+                    self.started = cx.now;
+                    cx.metrics.request_received();
                     self.set(Reading::Head { until });
                     Ok(0)
                 }
@@ -349,8 +358,8 @@ impl Machine {
     /// decided here, as the head is encoded (habit 9).
     fn respond(&mut self, request: Request, more: bool, out: &mut Vec<u8>, cx: &Context<'_>) {
         let persistence = self.persistence(request.persistence, more, cx);
-        cx.app.respond(&request.routed, persistence, cx.date, out);
-        self.served += 1;
+        let status = cx.app.respond(&request.routed, persistence, cx.date, out);
+        self.count(status, cx);
         if persistence == Persistence::Close {
             self.set(Reading::Done);
         } else {
@@ -371,6 +380,24 @@ impl Machine {
         if last { Persistence::Close } else { wanted }
     }
 
+    /// Counts a queued response: the connection's tally and the loop's metrics (its duration
+    /// is read off the clock now, so work done within one wake-up counts too).
+    fn count(&mut self, status: Status, cx: &Context<'_>) {
+        self.served += 1;
+        let elapsed = Instant::now().saturating_duration_since(self.started);
+        cx.metrics.responded(status.code(), elapsed);
+    }
+
+    /// Where the connection is, as the open-connections gauges see it.
+    pub fn conn_state(&self) -> ConnState {
+        match self.reading {
+            Reading::Idle { .. } => ConnState::Idle,
+            Reading::Head { .. } | Reading::Body { .. } => ConnState::Reading,
+            Reading::Handling { .. } => ConnState::Handling,
+            Reading::Done => ConnState::Writing,
+        }
+    }
+
     /// The ONE mapping from a request error to a response (habit 4): status, JSON body,
     /// `Connection: close`. Only called before anything of this request's response is queued.
     fn fail(&mut self, error: HttpError, out: &mut Vec<u8>, cx: &Context<'_>) {
@@ -382,7 +409,7 @@ impl Machine {
             head_only: false,
         };
         encode(out, &head, cx.date, &ErrorBody { error: message });
-        self.served += 1;
+        self.count(status, cx);
         self.unread_input = true;
         self.set(Reading::Done);
     }

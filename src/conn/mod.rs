@@ -15,6 +15,8 @@ use mio::net::TcpStream;
 use slog::{Logger, info};
 
 pub use buffer::{InputBuf, READ_BUFFER_BYTES, Scratch};
+
+use crate::metrics::{CloseReason, ConnState};
 pub use machine::{Context, Expiry, Machine, Timeouts};
 pub use table::{Shared, Table};
 
@@ -129,6 +131,10 @@ pub struct Connection {
     closed: bool,
     /// Draining, and not a byte sent yet: kept until then in case its request is in flight.
     fresh_until: Option<Instant>,
+    /// The state the loop's open-connections gauges count this connection in.
+    pub counted_as: Option<ConnState>,
+    /// A request timed out (408): its close counts as a read timeout.
+    timed_out: bool,
 }
 
 /// One row of the SIGQUIT connection table.
@@ -170,6 +176,8 @@ impl Connection {
             filed_deadline: None,
             closed: false,
             fresh_until: None,
+            counted_as: None,
+            timed_out: false,
         }
     }
 
@@ -354,7 +362,10 @@ impl Connection {
             match self.machine.expire(out, cx) {
                 Expiry::Nothing => {}
                 Expiry::Idle => return Err(Close::IdleTimeout),
-                Expiry::RequestTimeout => self.log_request_error(log, 408, "request timeout"),
+                Expiry::RequestTimeout => {
+                    self.timed_out = true;
+                    self.log_request_error(log, 408, "request timeout");
+                }
             }
         }
         let mut drained = false;
@@ -482,6 +493,30 @@ impl Connection {
     pub fn served(&self) -> u64 {
         self.machine.served()
     }
+
+    /// Where the connection is, for the open-connections gauges.
+    pub fn state(&self) -> ConnState {
+        match self.writing {
+            Writing::Lingering { .. } => ConnState::Writing,
+            Writing::Open if !self.output.is_empty() => ConnState::Writing,
+            Writing::Open if self.machine.is_idle() && !self.input.is_empty() => ConnState::Reading,
+            Writing::Open => self.machine.conn_state(),
+        }
+    }
+
+    /// Why it was closed, as the closed-connections counter labels it.
+    pub fn close_reason(&self, close: Close) -> CloseReason {
+        match close {
+            Close::Finished | Close::Lingered if self.timed_out => CloseReason::ReadTimeout,
+            Close::Finished | Close::Lingered if self.read_eof => CloseReason::PeerClosed,
+            Close::Finished | Close::Lingered => CloseReason::Finished,
+            Close::IdleTimeout => CloseReason::IdleTimeout,
+            Close::WriteTimeout => CloseReason::WriteTimeout,
+            Close::Failed(_) => CloseReason::Error,
+            Close::Draining => CloseReason::Drained,
+            Close::Forced => CloseReason::Forced,
+        }
+    }
 }
 
 /// Only what matters when reading a dump: who, in what state, how long, how much.
@@ -546,12 +581,14 @@ mod tests {
             write: Some(Duration::from_secs(10)),
         };
         let accepted_at = Instant::now();
+        let metrics = crate::metrics::LoopMetrics::default();
         let cx = Context {
             now: accepted_at,
             date: b"Sun, 06 Nov 1994 08:49:37 GMT",
             app: &app,
             limits: &limits,
             timeouts: &timeouts,
+            metrics: &metrics,
             closing: false,
         };
         let mut conn = Connection::new(1, TcpStream::from_std(accepted), peer, &cx);

@@ -10,12 +10,14 @@ use mio::{Interest, Registry, Token};
 use slab::Slab;
 use slog::{Logger, debug, info, warn};
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::{Close, Connection, Context, Scratch, Timeouts, Wake};
 use crate::app::App;
 use crate::config::{Config, enabled};
 use crate::http::{DateCache, Limits};
+use crate::metrics::LoopMetrics;
 use crate::timers::Timers;
 
 /// What every connection of a loop reads while it runs: the configuration, the application,
@@ -31,11 +33,13 @@ pub struct Shared {
     timeouts: Timeouts,
     /// Every response says `Connection: close` (the lame duck, an upgrade's grace).
     pub closing: bool,
+    /// This loop's counters.
+    pub metrics: Arc<LoopMetrics>,
 }
 
 impl Shared {
-    /// The configuration's limits and timeouts, serving `app`.
-    pub fn new(app: App, config: &Config) -> Shared {
+    /// The configuration's limits and timeouts, serving `app`, counting into `metrics`.
+    pub fn new(app: App, config: &Config, metrics: Arc<LoopMetrics>) -> Shared {
         Shared {
             now: Instant::now(),
             date: DateCache::new(SystemTime::now()),
@@ -47,6 +51,7 @@ impl Shared {
                 write: enabled(config.write_timeout),
             },
             closing: false,
+            metrics,
         }
     }
 
@@ -64,6 +69,7 @@ impl Shared {
             app: &self.app,
             limits: &self.limits,
             timeouts: &self.timeouts,
+            metrics: &self.metrics,
             closing: self.closing,
         }
     }
@@ -79,11 +85,13 @@ pub struct Table {
     scratch: Scratch,
     next_id: u64,
     first_token: usize,
+    /// The loop's counters: the open-connections gauges and closes are kept here.
+    metrics: Arc<LoopMetrics>,
 }
 
 impl Table {
-    /// An empty table whose connections use tokens from `first_token` on.
-    pub fn new(first_token: usize) -> Table {
+    /// An empty table whose connections use tokens from `first_token` on, counted in `metrics`.
+    pub fn new(first_token: usize, metrics: Arc<LoopMetrics>) -> Table {
         Table {
             conns: Slab::new(),
             closed: Vec::new(),
@@ -91,6 +99,7 @@ impl Table {
             scratch: Scratch::default(),
             next_id: 0,
             first_token,
+            metrics,
         }
     }
 
@@ -133,6 +142,8 @@ impl Table {
         }
         self.next_id += 1;
         let conn = entry.insert(Connection::new(self.next_id, stream, peer, cx));
+        conn.counted_as = Some(conn.state());
+        self.metrics.moved(None, conn.counted_as);
         debug!(log, "accepted"; conn.log_fields());
         let deadline = conn.deadline();
         conn.filed_deadline = deadline;
@@ -191,6 +202,13 @@ impl Table {
         if let Err(reason) = result {
             self.close(key, reason, log);
             return;
+        }
+        // The gauges move only when the state does: a keep-alive request answered within one
+        // wake-up leaves the connection idle as it found it, and costs nothing here.
+        let state = Some(conn.state());
+        if state != conn.counted_as {
+            self.metrics.moved(conn.counted_as, state);
+            conn.counted_as = state;
         }
         let wanted = conn.wanted_interest();
         if wanted != conn.interest() {
@@ -260,6 +278,8 @@ impl Table {
         self.deadlines.reschedule(key, conn.filed_deadline, None);
         conn.filed_deadline = None;
         conn.mark_closed();
+        self.metrics.moved(conn.counted_as.take(), None);
+        self.metrics.closed(conn.close_reason(reason));
         debug!(log, "closed"; conn.log_fields(), "reason" => reason.as_str(), "served" => conn.served());
         self.closed.push(key);
     }

@@ -13,4 +13,4 @@ pub use date::DateCache;
 pub use error::HttpError;
 pub use limits::Limits;
 pub use request::{Framing, Head, Version, parse_head};
-pub use response::{CONTINUE, Persistence, ResponseHead, Status, encode};
+pub use response::{CONTINUE, Persistence, ResponseHead, Status, encode, encode_raw};

@@ -111,8 +111,12 @@ pub struct ResponseHead {
     pub head_only: bool,
 }
 
-/// Appends a complete response to `out`: the body is serialized in place first (its length is
-/// only known then), the head is appended behind it, and the two are swapped by a rotation.
+/// The content type of every JSON response.
+pub const JSON: &str = "application/json";
+
+/// Appends a complete JSON response to `out`: the body is serialized in place first (its
+/// length is only known then), the head is appended behind it, and the two are swapped by a
+/// rotation.
 pub fn encode<T: Serialize + ?Sized>(
     out: &mut Vec<u8>,
     head: &ResponseHead,
@@ -126,6 +130,24 @@ pub fn encode<T: Serialize + ?Sized>(
         out.extend_from_slice(b"{}");
     }
     out.push(b'\n');
+    finish(out, start, head, date, JSON);
+}
+
+/// Appends a complete response whose body is `body`, of type `content_type`.
+pub fn encode_raw(
+    out: &mut Vec<u8>,
+    head: &ResponseHead,
+    date: &[u8],
+    content_type: &str,
+    body: &[u8],
+) {
+    let start = out.len();
+    out.extend_from_slice(body);
+    finish(out, start, head, date, content_type);
+}
+
+/// Puts the head in front of the body that `out[start..]` holds (dropping it for HEAD).
+fn finish(out: &mut Vec<u8>, start: usize, head: &ResponseHead, date: &[u8], content_type: &str) {
     let body_len = out.len() - start;
     if head.head_only {
         out.truncate(start);
@@ -135,7 +157,9 @@ pub fn encode<T: Serialize + ?Sized>(
     out.extend_from_slice(head.status.line());
     out.extend_from_slice(b"Date: ");
     out.extend_from_slice(date);
-    out.extend_from_slice(b"\r\nContent-Type: application/json\r\nContent-Length: ");
+    out.extend_from_slice(b"\r\nContent-Type: ");
+    out.extend_from_slice(content_type.as_bytes());
+    out.extend_from_slice(b"\r\nContent-Length: ");
     out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(SECURITY_HEADERS);

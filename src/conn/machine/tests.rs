@@ -10,6 +10,7 @@ pub(super) struct Harness {
     limits: Limits,
     timeouts: Timeouts,
     now: Instant,
+    pub(super) metrics: LoopMetrics,
 }
 
 impl Harness {
@@ -23,6 +24,7 @@ impl Harness {
                 write: Some(Duration::from_secs(10)),
             },
             now: Instant::now(),
+            metrics: LoopMetrics::default(),
         }
     }
 
@@ -33,6 +35,7 @@ impl Harness {
             app: &self.app,
             limits: &self.limits,
             timeouts: &self.timeouts,
+            metrics: &self.metrics,
             closing: false,
         }
     }
@@ -303,4 +306,21 @@ fn output_backlog_stops_taking_requests() {
     assert!(step.consumed < many.len());
     assert!(out.len() >= MAX_PENDING_OUTPUT_BYTES);
     assert!(out.len() < MAX_PENDING_OUTPUT_BYTES + 1024);
+}
+
+#[test]
+fn every_response_counts_once_with_its_status_and_every_request_once() {
+    let harness = Harness::new(Duration::ZERO);
+    let mut machine = Machine::new(&harness.cx());
+    let get = b"GET /v1/healthcheck HTTP/1.1\r\nHost: x\r\n\r\n";
+    let missing = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n";
+    let input = [&get[..], &missing[..], &get[..], b"GET / HTTP/1.1\r\n\r\n"].concat();
+    harness.feed(&mut machine, &[&input[..7], &input[7..]]);
+    let counted = harness.metrics.snapshot();
+    assert_eq!(counted.requests_received, 4);
+    assert_eq!(counted.responses[0], 2, "200");
+    assert_eq!(counted.responses[2], 1, "404");
+    assert_eq!(counted.responses[1], 1, "400 for the missing Host");
+    assert_eq!(counted.responses_sent(), 4);
+    assert_eq!(counted.duration_buckets.iter().sum::<u64>(), 4);
 }
