@@ -137,6 +137,14 @@ impl Supervisor {
         let (report_outbox, reports) = mailbox(poll.registry())?;
         let epoch = Instant::now();
         let workers = config.workers.resolve();
+        let needed = capacity::reserve(workers);
+        if needed >= fd_limits.soft {
+            return Err(io::Error::other(format!(
+                "--workers {workers} needs more than {needed} file descriptors but the limit is {}: \
+                 raise it (LimitNOFILE= under systemd, ulimit -Hn in a shell) or run fewer workers",
+                fd_limits.soft
+            )));
+        }
         let cap = capacity::connection_cap(config.max_connections, fd_limits.soft, workers);
         let crew = Crew::prepare(workers, cap.max_connections, &report_outbox, epoch)?;
         let admin = match admin_listener {

@@ -97,3 +97,40 @@ fn asking_for_more_connections_than_the_limit_allows_warns_with_both_numbers() {
         .count();
     assert_eq!(warnings, 1, "one warning");
 }
+
+#[test]
+fn more_workers_than_the_descriptor_limit_holds_is_a_clean_exit_1_saying_why() {
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_greenlight"));
+    command.args([
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--log-format",
+        "json",
+        "--workers",
+        "1024",
+    ]);
+    let limit = libc::rlimit {
+        rlim_cur: 1024,
+        rlim_max: 1024,
+    };
+    // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let output = command.output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        text.contains("CRITICAL") && text.contains("--workers 1024"),
+        "{text}"
+    );
+}
