@@ -35,6 +35,8 @@ pub struct Admin {
     shared: Shared,
     /// A connection over [`MAX_ADMIN_CONNECTIONS`] was refused and not yet logged as recovered.
     over_limit: bool,
+    /// Still accepting (false once handed over to an upgrade's new process).
+    accepting: bool,
     log: Logger,
 }
 
@@ -55,6 +57,7 @@ impl Admin {
             table: Table::new(FIRST_CONN_TOKEN, metrics.clone()),
             shared: Shared::new(App::admin(exposition), config, metrics),
             over_limit: false,
+            accepting: true,
             log: log.new(slog::o!("listener" => "admin")),
         })
     }
@@ -62,6 +65,19 @@ impl Admin {
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.listener.addr()
+    }
+
+    /// The listening socket's descriptor (to hand over in an upgrade).
+    pub fn listener_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.listener.socket().as_raw_fd()
+    }
+
+    /// Stops accepting: the socket now belongs to an upgrade's new process (it stays open
+    /// here, never shut down); connections already accepted are still served.
+    pub fn stop_accepting(&mut self, registry: &Registry) {
+        let _ = registry.deregister(self.listener.socket_mut());
+        self.accepting = false;
     }
 
     /// The time of this wake-up, and what the probes and scrapes answer now.
@@ -72,7 +88,7 @@ impl Admin {
 
     /// Accepts until the queue is empty; one over [`MAX_ADMIN_CONNECTIONS`] is closed at once.
     pub fn accept_ready(&mut self, registry: &Registry) {
-        loop {
+        while self.accepting {
             match self.listener.accept() {
                 Accept::Conn(stream, peer) => {
                     if self.table.open() >= MAX_ADMIN_CONNECTIONS {

@@ -129,6 +129,11 @@ pub struct Config {
     #[arg(long, env = "GREENLIGHT_DRAIN_DELAY", default_value = "0s", value_parser = parse_duration, value_name = "DUR")]
     pub drain_delay: Duration,
 
+    /// How long an upgrade (SIGHUP) waits for the new process to be ready before giving up,
+    /// killing it, and serving on.
+    #[arg(long, env = "GREENLIGHT_UPGRADE_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DUR")]
+    pub upgrade_timeout: Duration,
+
     /// Grace period for in-flight requests after SIGINT/SIGTERM (after the drain delay).
     #[arg(long, env = "GREENLIGHT_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DUR")]
     pub shutdown_timeout: Duration,

@@ -58,6 +58,7 @@ pub mod shutdown;
 pub mod supervisor;
 pub mod systemd;
 pub mod timers;
+pub mod upgrade;
 pub mod worker;
 
 pub use config::Config;

@@ -75,6 +75,11 @@ impl Listener {
         &mut self.socket
     }
 
+    /// The socket.
+    pub fn socket(&self) -> &TcpListener {
+        &self.socket
+    }
+
     /// Accepts one connection, skipping failures that belong to that connection alone.
     pub fn accept(&self) -> Accept {
         loop {
@@ -111,6 +116,11 @@ impl Acceptor {
     /// The listener, for (de)registration and its address.
     pub fn listener_mut(&mut self) -> &mut Listener {
         &mut self.listener
+    }
+
+    /// The listener, no longer accepted from here.
+    pub fn into_listener(self) -> Listener {
+        self.listener
     }
 
     /// Accepts until the queue is empty (edge-triggered: one event may stand for many), giving

@@ -1,12 +1,19 @@
 //! The server's phase and how signals move it: SIGINT/SIGTERM begin a drain, a second one
-//! forces the stop, SIGQUIT dumps the connection table and quits at once.
+//! forces the stop, SIGQUIT dumps the connection table and quits at once, SIGHUP upgrades in
+//! place, SIGCHLD reaps a new process that did not make it.
 
 use std::time::Instant;
 
 use libc::c_int;
 
 /// The signals greenlight handles.
-pub const HANDLED_SIGNALS: [c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGQUIT];
+pub const HANDLED_SIGNALS: [c_int; 5] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGQUIT,
+    libc::SIGHUP,
+    libc::SIGCHLD,
+];
 
 /// A handled signal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +24,10 @@ pub enum Signal {
     Term,
     /// Ctrl-\: dump and quit.
     Quit,
+    /// Upgrade in place (`systemctl reload`).
+    Hup,
+    /// A child (a new process being started by an upgrade) changed state.
+    Child,
 }
 
 impl Signal {
@@ -26,6 +37,8 @@ impl Signal {
             libc::SIGINT => Some(Signal::Int),
             libc::SIGTERM => Some(Signal::Term),
             libc::SIGQUIT => Some(Signal::Quit),
+            libc::SIGHUP => Some(Signal::Hup),
+            libc::SIGCHLD => Some(Signal::Child),
             _ => None,
         }
     }
@@ -36,6 +49,8 @@ impl Signal {
             Signal::Int => "SIGINT",
             Signal::Term => "SIGTERM",
             Signal::Quit => "SIGQUIT",
+            Signal::Hup => "SIGHUP",
+            Signal::Child => "SIGCHLD",
         }
     }
 }
@@ -69,6 +84,13 @@ pub enum Phase {
     /// Accepting and serving. Leaves on SIGINT/SIGTERM to `LameDuck` (with a drain delay) or
     /// `Draining`, on SIGQUIT to `Ending(Quit)`.
     Serving,
+    /// An upgrade's new process is ready and serving the sockets; this one no longer accepts
+    /// and, until `until`, answers every request with `Connection: close` while its idle
+    /// connections stay open. Leaves to `Draining` at `until` or on SIGINT/SIGTERM.
+    HandingOver {
+        /// When the drain begins.
+        until: Instant,
+    },
     /// Still accepting and serving, but announcing the departure: `/readyz` says 503 and every
     /// response says `Connection: close`. Leaves to `Draining` at `until`; a second
     /// SIGINT/SIGTERM forces the stop, SIGQUIT dumps.
@@ -99,6 +121,12 @@ pub enum Transition {
     ForceStop,
     /// Log the connection table and exit 2 without draining.
     DumpAndQuit,
+    /// Start the upgrade: the new process, handed the sockets.
+    Upgrade,
+    /// An upgrade cannot start now (one is under way, or the process is stopping).
+    RefuseUpgrade,
+    /// Reap a child that exited.
+    Reap,
     /// Nothing (already stopping).
     Ignore,
 }
@@ -107,10 +135,26 @@ impl Phase {
     /// The transition a signal causes in this phase.
     pub fn on_signal(self, signal: Signal) -> Transition {
         match (self, signal) {
-            (Phase::Stopped(_) | Phase::Ending(_), _) => Transition::Ignore,
+            (Phase::Stopped(_), _) => Transition::Ignore,
+            (_, Signal::Child) => Transition::Reap,
+            (Phase::Ending(_), _) => Transition::Ignore,
+            (Phase::Serving, Signal::Hup) => Transition::Upgrade,
+            (_, Signal::Hup) => Transition::RefuseUpgrade,
             (_, Signal::Quit) => Transition::DumpAndQuit,
-            (Phase::Serving, _) => Transition::BeginDrain,
+            (Phase::Serving | Phase::HandingOver { .. }, _) => Transition::BeginDrain,
             (Phase::LameDuck { .. } | Phase::Draining { .. }, _) => Transition::ForceStop,
+        }
+    }
+
+    /// A short name, for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Serving => "serving",
+            Phase::HandingOver { .. } => "handing over",
+            Phase::LameDuck { .. } => "lame duck",
+            Phase::Draining { .. } => "draining",
+            Phase::Ending(_) => "ending",
+            Phase::Stopped(_) => "stopped",
         }
     }
 
@@ -137,6 +181,9 @@ mod tests {
         let lame_duck = Phase::LameDuck {
             until: Instant::now(),
         };
+        let handing_over = Phase::HandingOver {
+            until: Instant::now(),
+        };
         let rows = [
             (Phase::Serving, Signal::Term, Transition::BeginDrain),
             (Phase::Serving, Signal::Int, Transition::BeginDrain),
@@ -158,6 +205,14 @@ mod tests {
                 Transition::Ignore,
             ),
             (Phase::Ending(Exit::Quit), Signal::Quit, Transition::Ignore),
+            (Phase::Serving, Signal::Hup, Transition::Upgrade),
+            (draining, Signal::Hup, Transition::RefuseUpgrade),
+            (lame_duck, Signal::Hup, Transition::RefuseUpgrade),
+            (handing_over, Signal::Hup, Transition::RefuseUpgrade),
+            (handing_over, Signal::Term, Transition::BeginDrain),
+            (handing_over, Signal::Quit, Transition::DumpAndQuit),
+            (draining, Signal::Child, Transition::Reap),
+            (Phase::Ending(Exit::Forced), Signal::Child, Transition::Reap),
         ];
         for (phase, signal, expected) in rows {
             assert_eq!(phase.on_signal(signal), expected, "{phase:?} + {signal:?}");
@@ -185,6 +240,7 @@ mod tests {
             Signal::from_raw(libc::SIGTERM).map(Signal::name),
             Some("SIGTERM")
         );
-        assert_eq!(Signal::from_raw(libc::SIGHUP), None);
+        assert_eq!(Signal::from_raw(libc::SIGHUP), Some(Signal::Hup));
+        assert_eq!(Signal::from_raw(libc::SIGUSR1), None);
     }
 }

@@ -3,8 +3,11 @@
 //! the workers), the phase and the one shutdown deadline, systemd's notifications and the
 //! watchdog, which it feeds only while every worker's loop is turning.
 
+use std::ffi::OsString;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::{Events, Interest, Poll, Token};
@@ -19,10 +22,13 @@ use crate::conn::interrupted;
 use crate::crew::Crew;
 use crate::exposition::ProcessView;
 use crate::listener::{Acceptor, Listener};
-use crate::mailbox::{Command, Inbox, Report, STALL_LIMIT, WAKER, mailbox, millis_since};
+use crate::mailbox::{Inbox, Report, STALL_LIMIT, WAKER, mailbox, millis_since};
 use crate::shutdown::{Exit, HANDLED_SIGNALS, Phase, Signal, Transition};
 use crate::systemd::{self, Notice};
 use crate::timers::Timers;
+use crate::upgrade;
+use stopping::DrainStart;
+use upgrading::{UPGRADE_READY, Upgrading};
 
 /// Readiness events taken per `poll` call.
 const EVENTS_CAPACITY: usize = 64;
@@ -53,6 +59,10 @@ enum Timer {
     GiveUp,
     /// The end of the lame duck: the drain begins.
     DrainDelayEnd,
+    /// The end of an upgrade's grace: the old process drains.
+    HandoverEnd,
+    /// An upgrade's new process had this long to be ready.
+    UpgradeTimeout,
 }
 
 /// The process: the supervisor's loop and the workers it deals connections to.
@@ -81,8 +91,24 @@ pub struct Supervisor {
     /// The descriptor limits found and set at start-up.
     fd_limits: FdLimits,
     addr: SocketAddr,
-    /// The listener came from systemd (socket activation), not from `--host`/`--port`.
+    /// The listener came from systemd (socket activation) or an upgrade, not from
+    /// `--host`/`--port`.
     socket_activated: bool,
+    /// No one else holds the listening sockets (not systemd): a drain takes their queues
+    /// before closing them, since closing the last copy resets what waits in them.
+    owns_sockets: bool,
+    /// The executable and arguments this process was started with, for an upgrade.
+    exe: Option<PathBuf>,
+    args: Vec<OsString>,
+    upgrade_timeout: Duration,
+    /// The upgrade under way, if one is.
+    upgrade: Option<Upgrading>,
+    /// Started by an upgrade: the pipe to tell the old process we serve.
+    ready_pipe: Option<OwnedFd>,
+    /// Sockets handed over to a new process: no longer served, never closed or drained here.
+    handed_over: Vec<Listener>,
+    /// Still the service systemd knows: false once `MAINPID=` named an upgrade's new process.
+    notify_systemd: bool,
     /// Half of systemd's `WatchdogSec=`, when it is set for this process.
     watchdog: Option<Duration>,
     /// A stalled loop was logged and has not recovered: one line per episode.
@@ -112,8 +138,10 @@ impl Supervisor {
         });
         // First, before any descriptor is opened (fd 3 must be systemd's, not our epoll's).
         let inherited = systemd::inherited_listeners()?;
+        let ready_pipe = upgrade::inherited_ready_pipe();
         let poll = Poll::new()?;
         let socket_activated = inherited.api.is_some();
+        let owns_sockets = !socket_activated || upgrade::inherited_sockets_owned();
         let mut listener = match inherited.api {
             Some(socket) => Listener::adopt(socket)?,
             None => Listener::bind(SocketAddr::new(config.host, config.port))?,
@@ -182,6 +210,14 @@ impl Supervisor {
             max_connections: cap.max_connections,
             fd_limits,
             socket_activated,
+            owns_sockets,
+            exe: upgrade::executable_at_startup(),
+            args: std::env::args_os().skip(1).collect(),
+            upgrade_timeout: config.upgrade_timeout,
+            upgrade: None,
+            ready_pipe,
+            handed_over: Vec::new(),
+            notify_systemd: true,
             watchdog: systemd::watchdog_interval(),
             stall_logged: false,
             reported_draining: None,
@@ -246,8 +282,12 @@ impl Supervisor {
             return Exit::Forced;
         }
         if self.socket_activated {
-            info!(self.log, "using the listening socket passed by systemd; --host and --port are ignored";
-                  "addr" => %self.addr);
+            let from = if self.ready_pipe.is_some() {
+                "using the listening sockets handed over by the previous process; --host and --port are ignored"
+            } else {
+                "using the listening socket passed by systemd; --host and --port are ignored"
+            };
+            info!(self.log, "{}", from; "addr" => %self.addr);
         }
         let admin_addr = self.admin.as_ref().map(Admin::addr);
         info!(self.log, "starting server"; "addr" => %self.addr, "env" => self.env.as_str(),
@@ -255,6 +295,11 @@ impl Supervisor {
               "max_connections" => self.max_connections,
               "admin_addr" => admin_addr.map(|addr| addr.to_string()));
         self.tell_systemd(Notice::Ready(&format!("serving on {}", self.addr)));
+        if let Some(pipe) = self.ready_pipe.take()
+            && let Err(e) = upgrade::announce_ready(pipe)
+        {
+            warn!(self.log, "cannot tell the previous process we are ready"; "error" => %e);
+        }
         if let Some(interval) = self.watchdog {
             self.tell_systemd(Notice::Watchdog);
             self.timers
@@ -289,6 +334,7 @@ impl Supervisor {
                     LISTENER => self.accept_ready(),
                     SIGNALS => self.on_signals(),
                     WAKER => self.on_reports(),
+                    UPGRADE_READY => self.on_upgrade_pipe(),
                     ADMIN_LISTENER => {
                         if let Some(admin) = &mut self.admin {
                             admin.accept_ready(self.poll.registry());
@@ -338,6 +384,9 @@ impl Supervisor {
 
     /// Sends a notice to systemd (nothing happens outside it); a failure is logged, not fatal.
     fn tell_systemd(&self, notice: Notice<'_>) {
+        if !self.notify_systemd {
+            return;
+        }
         if let Err(e) = systemd::notify(notice) {
             warn!(self.log, "cannot notify systemd"; "error" => %e);
         }
@@ -377,145 +426,14 @@ impl Supervisor {
                     self.force_stop();
                 }
                 Transition::DumpAndQuit => self.dump_and_quit(signal),
+                Transition::Upgrade => self.start_upgrade(),
+                Transition::RefuseUpgrade => {
+                    warn!(self.log, "ignoring SIGHUP: the process is stopping or handing over";
+                          "phase" => self.phase.name());
+                }
+                Transition::Reap => self.reap(),
                 Transition::Ignore => {}
             }
-        }
-    }
-
-    /// The first SIGINT/SIGTERM: with a drain delay, the lame duck (announce the departure and
-    /// keep serving while the fleet reacts), else the drain at once. Either way one
-    /// `shutting down server` line, logged at once.
-    fn begin_shutdown(&mut self, signal: Signal) {
-        self.shutdown_started = Some(SystemTime::now());
-        if self.drain_delay.is_zero() {
-            self.begin_drain(Some(signal));
-            return;
-        }
-        let until = self.now + self.drain_delay;
-        info!(self.log, "shutting down server"; "signal" => signal.name(),
-              "connections" => self.crew.open(), "timeout_ms" => self.shutdown_timeout.as_millis() as u64,
-              "drain_delay" => human(self.drain_delay), "drain_delay_ms" => self.drain_delay.as_millis() as u64);
-        self.phase = Phase::LameDuck { until };
-        self.timers
-            .reschedule(Timer::DrainDelayEnd, None, Some(until));
-        let status = format!("lame duck: draining in {}", human(self.drain_delay));
-        self.tell_systemd(Notice::Stopping(&status));
-        // Listener and idle connections stay open; responses from now on say close.
-        self.crew.tell_all(|| Command::CloseEveryResponse);
-    }
-
-    /// Stop accepting (after dealing out what is queued: closing a listener resets its queue),
-    /// then tell every worker to drain, with one deadline for the process, counted from now
-    /// (the end of the lame duck, if there was one). `signal` is the one that began the
-    /// shutdown, when `shutting down server` is still to be logged (no lame duck).
-    fn begin_drain(&mut self, signal: Option<Signal>) {
-        let deadline = self.now + self.shutdown_timeout;
-        self.drain_started = Some(self.now);
-        // Our own listener: take what is queued, since closing it resets those connections.
-        // systemd's: leave the queue to the next process (systemd keeps the socket open).
-        if !self.socket_activated {
-            if let Some(acceptor) = &mut self.acceptor {
-                acceptor.resume();
-            }
-            self.accept_ready();
-        }
-        if let Some(mut acceptor) = self.acceptor.take() {
-            let _ = self
-                .poll
-                .registry()
-                .deregister(acceptor.listener_mut().socket_mut());
-        }
-        let open = self.crew.open();
-        match signal {
-            // Logged once the listener is closed: from this line on, new connections are refused.
-            Some(signal) => {
-                info!(self.log, "shutting down server"; "signal" => signal.name(),
-                      "connections" => open, "timeout_ms" => self.shutdown_timeout.as_millis() as u64,
-                      "drain_delay" => human(self.drain_delay), "drain_delay_ms" => 0u64);
-            }
-            None => {
-                info!(self.log, "drain delay over, draining"; "connections" => open,
-                      "timeout_ms" => self.shutdown_timeout.as_millis() as u64);
-            }
-        }
-        self.phase = Phase::Draining { deadline };
-        self.timers
-            .reschedule(Timer::ShutdownDeadline, None, Some(deadline));
-        self.tell_systemd(Notice::Stopping(&draining_status(open)));
-        self.reported_draining = Some(open);
-        self.crew.drain();
-    }
-
-    /// The deadline or a second signal: every worker closes everything now; exit 1.
-    fn force_stop(&mut self) {
-        self.crew.tell_all(|| Command::Force);
-        self.end_after_answers(Exit::Forced);
-    }
-
-    /// SIGQUIT: every worker logs its connections; exit 2 without draining.
-    fn dump_and_quit(&mut self, signal: Signal) {
-        warn!(self.log, "dumping connection table and quitting without draining";
-              "signal" => signal.name(), "connections" => self.crew.open());
-        self.crew.tell_all(|| Command::Dump);
-        self.end_after_answers(Exit::Quit);
-    }
-
-    /// Waits for the workers' answers, at most [`GIVE_UP_AFTER`], then exits with `exit`.
-    fn end_after_answers(&mut self, exit: Exit) {
-        self.phase = Phase::Ending(exit);
-        self.timers
-            .reschedule(Timer::GiveUp, None, Some(self.now + GIVE_UP_AFTER));
-        self.check_finished();
-    }
-
-    fn on_reports(&mut self) {
-        while let Some(report) = self.reports.next() {
-            if let Some(ended) = self.crew.apply(report)
-                && matches!(self.phase, Phase::Serving | Phase::LameDuck { .. })
-            {
-                self.worker_lost(ended.worker);
-            }
-            if let Report::Gone(worker) = report {
-                self.worker_lost(worker);
-            }
-        }
-        self.check_finished();
-    }
-
-    /// A worker ended on its own: never keep serving with a missing worker.
-    fn worker_lost(&mut self, worker: usize) {
-        if matches!(self.phase, Phase::Ending(_) | Phase::Stopped(_)) {
-            return;
-        }
-        crit!(self.log, "worker stopped unexpectedly, stopping the process"; "worker" => worker,
-              "connections" => self.crew.open());
-        self.force_stop();
-    }
-
-    /// Moves the phase on once the workers have all answered what was asked of them.
-    fn check_finished(&mut self) {
-        match self.phase {
-            Phase::Draining { .. } if self.crew.all_stopped() => {
-                if self.crew.all_clean() {
-                    info!(self.log, "stopped server"; "addr" => %self.addr);
-                    self.tell_systemd(Notice::Status("stopped"));
-                    self.phase = Phase::Stopped(Exit::Clean);
-                } else {
-                    self.phase = Phase::Stopped(Exit::Forced);
-                }
-            }
-            Phase::Draining { .. } => {
-                let open = self.crew.draining_open();
-                if open > 0 && self.reported_draining != Some(open) {
-                    self.reported_draining = Some(open);
-                    self.tell_systemd(Notice::Status(&draining_status(open)));
-                }
-            }
-            Phase::Ending(Exit::Quit) if self.crew.all_dumped() => {
-                self.phase = Phase::Stopped(Exit::Quit);
-            }
-            Phase::Ending(exit) if self.crew.all_stopped() => self.phase = Phase::Stopped(exit),
-            Phase::Serving | Phase::LameDuck { .. } | Phase::Ending(_) | Phase::Stopped(_) => {}
         }
     }
 
@@ -539,9 +457,15 @@ impl Supervisor {
                 Timer::Watchdog => self.feed_watchdog(),
                 Timer::DrainDelayEnd => {
                     if matches!(self.phase, Phase::LameDuck { .. }) {
-                        self.begin_drain(None);
+                        self.begin_drain(DrainStart::DelayOver);
                     }
                 }
+                Timer::HandoverEnd => {
+                    if matches!(self.phase, Phase::HandingOver { .. }) {
+                        self.begin_drain(DrainStart::GraceOver);
+                    }
+                }
+                Timer::UpgradeTimeout => self.upgrade_timed_out(),
                 Timer::GiveUp => {
                     if let Phase::Ending(exit) = self.phase {
                         let silent = self.crew.silent();
@@ -579,23 +503,7 @@ impl Supervisor {
     }
 }
 
-/// A duration as people write it: `1s`, `250ms`, `1.5s`.
-fn human(duration: Duration) -> String {
-    let millis = duration.as_millis();
-    match (millis % 1000, millis / 1000) {
-        (0, seconds) => format!("{seconds}s"),
-        (ms, 0) => format!("{ms}ms"),
-        (ms, seconds) => format!("{seconds}.{}s", format!("{ms:03}").trim_end_matches('0')),
-    }
-}
-
-/// The status line `systemctl status` shows while draining.
-fn draining_status(open: usize) -> String {
-    match open {
-        1 => "draining 1 connection".to_string(),
-        n => format!("draining {n} connections"),
-    }
-}
-
+mod stopping;
 #[cfg(test)]
 mod tests;
+mod upgrading;

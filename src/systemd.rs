@@ -110,6 +110,10 @@ pub enum Notice<'a> {
     Status(&'a str),
     /// `WATCHDOG=1`: the loop is alive.
     Watchdog,
+    /// `RELOADING=1` and a status line: an upgrade in place began.
+    Reloading(&'a str),
+    /// `MAINPID=`: the upgrade's new process is the service now.
+    MainPid(u32),
 }
 
 /// Sends a notice; a no-op without `NOTIFY_SOCKET`.
@@ -123,6 +127,10 @@ pub fn notify(notice: Notice<'_>) -> io::Result<()> {
         }
         Notice::Status(status) => sd_notify::notify(&[NotifyState::Status(status)]),
         Notice::Watchdog => sd_notify::notify(&[NotifyState::Watchdog]),
+        Notice::Reloading(status) => {
+            sd_notify::notify(&[NotifyState::Reloading, NotifyState::Status(status)])
+        }
+        Notice::MainPid(pid) => sd_notify::notify(&[NotifyState::MainPid(pid)]),
     }
 }
 

@@ -70,6 +70,6 @@ fn durations_read_as_people_write_them() {
         (61_050, "61.05s"),
     ];
     for (millis, text) in rows {
-        assert_eq!(human(Duration::from_millis(millis)), text);
+        assert_eq!(super::stopping::human(Duration::from_millis(millis)), text);
     }
 }

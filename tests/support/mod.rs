@@ -51,8 +51,27 @@ pub fn set_fd_limit(pid: i32, soft: u64, hard: u64) {
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
 }
 
+/// As [`spawn_server_from`], with the soft and hard `RLIMIT_NOFILE` set for the child alone.
+pub fn spawn_server_with_fd_limits_from(binary: &std::path::Path, soft: u64, hard: u64) -> Server {
+    spawn_binary(binary.as_os_str(), &[], &[], Some((soft, hard)))
+}
+
+/// As [`spawn_server`], started from the executable at `binary` (a copy, for upgrade tests).
+pub fn spawn_server_from(binary: &std::path::Path, args: &[&str]) -> Server {
+    spawn_binary(binary.as_os_str(), args, &[], None)
+}
+
 fn spawn(args: &[&str], env: &[(&str, &str)], nofile: Option<(u64, u64)>) -> Server {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_greenlight"));
+    spawn_binary(env!("CARGO_BIN_EXE_greenlight").as_ref(), args, env, nofile)
+}
+
+fn spawn_binary(
+    binary: &std::ffi::OsStr,
+    args: &[&str],
+    env: &[(&str, &str)],
+    nofile: Option<(u64, u64)>,
+) -> Server {
+    let mut command = Command::new(binary);
     if !args.contains(&"--host") {
         command.args(["--host", "127.0.0.1"]);
     }

@@ -1,0 +1,234 @@
+//! The supervisor's side of an upgrade in place: SIGHUP starts the new process with every
+//! listening socket; once it says it is ready, this process stops accepting (the sockets and
+//! their queues belong to the new one now), answers with `Connection: close` for a short grace,
+//! then drains. If the new process fails, this one serves on as if nothing happened.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::Instant;
+
+use mio::unix::SourceFd;
+use mio::{Interest, Token};
+use slog::{debug, error, info, warn};
+
+use super::{Supervisor, Timer};
+use crate::mailbox::Command;
+use crate::shutdown::Phase;
+use crate::systemd::Notice;
+use crate::upgrade::{self, Handed, Heard, UPGRADE_GRACE};
+
+/// The readiness pipe's token in the supervisor's poll.
+pub(super) const UPGRADE_READY: Token = Token(3);
+
+/// An upgrade under way.
+pub(super) struct Upgrading {
+    pid: libc::pid_t,
+    ready: OwnedFd,
+    heard: Vec<u8>,
+    stage: Stage,
+    /// When it must be ready by (its timer is cancelled once the upgrade is decided, so a
+    /// stale one can never cut a later upgrade short).
+    deadline: Instant,
+}
+
+/// Where the new process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Started; not ready yet.
+    Starting,
+    /// Closed its pipe without saying ready: failed, to be reaped (its status is then logged).
+    Gone,
+    /// Not ready in time, or abandoned: killed, to be reaped.
+    Killed,
+    /// Ready: it serves the sockets now; reaped only if it exits while this one still drains.
+    Serving,
+}
+
+impl Supervisor {
+    /// SIGHUP while serving: start the executable this process was started from.
+    pub(super) fn start_upgrade(&mut self) {
+        if let Some(upgrading) = &self.upgrade {
+            warn!(self.log, "ignoring SIGHUP: an upgrade is already in progress"; "pid" => upgrading.pid);
+            return;
+        }
+        let Some(exe) = self.exe.clone() else {
+            error!(self.log, "upgrade failed"; "reason" => "cannot tell which executable started this process");
+            return;
+        };
+        let mut sockets = Vec::new();
+        if let Some(acceptor) = &mut self.acceptor {
+            sockets.push(Handed {
+                fd: acceptor.listener_mut().socket_mut().as_raw_fd(),
+                name: "api",
+            });
+        }
+        if let Some(admin) = &self.admin {
+            sockets.push(Handed {
+                fd: admin.listener_fd(),
+                name: "admin",
+            });
+        }
+        let original_soft = self.fd_limits.original_soft;
+        let started = upgrade::spawn(&exe, &self.args, &sockets, self.owns_sockets, original_soft);
+        let started = match started {
+            Ok(started) => started,
+            Err(e) => {
+                error!(self.log, "upgrade failed"; "reason" => format!("cannot start {}: {e}", exe.display()));
+                return;
+            }
+        };
+        let fd = started.ready.as_raw_fd();
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut SourceFd(&fd), UPGRADE_READY, Interest::READABLE)
+        {
+            error!(self.log, "upgrade failed"; "reason" => format!("cannot watch the new process: {e}"));
+            upgrade::kill(started.pid, libc::SIGKILL);
+            return;
+        }
+        info!(self.log, "upgrading: started the new process"; "pid" => started.pid,
+              "path" => %exe.display(), "timeout_ms" => self.upgrade_timeout.as_millis() as u64);
+        let status = format!("upgrading to PID {}", started.pid);
+        self.tell_systemd(Notice::Reloading(&status));
+        let deadline = self.now + self.upgrade_timeout;
+        self.timers
+            .reschedule(Timer::UpgradeTimeout, None, Some(deadline));
+        self.upgrade = Some(Upgrading {
+            pid: started.pid,
+            ready: started.ready,
+            heard: Vec::new(),
+            stage: Stage::Starting,
+            deadline,
+        });
+    }
+
+    /// The readiness pipe has something: ready, or gone without a word.
+    pub(super) fn on_upgrade_pipe(&mut self) {
+        let Some(upgrading) = &mut self.upgrade else {
+            return;
+        };
+        if upgrading.stage != Stage::Starting {
+            return;
+        }
+        match upgrade::listen(&upgrading.ready, &mut upgrading.heard) {
+            Heard::Nothing => {}
+            Heard::Ready => self.hand_over(),
+            Heard::Gone => {
+                upgrading.stage = Stage::Gone;
+                self.forget_pipe();
+                // Its status is logged once it is reaped (now, if it has already exited).
+                self.reap();
+            }
+        }
+    }
+
+    /// The new process serves: stop accepting without closing, shutting down or draining the
+    /// sockets (they and their queues are the new process's), close every connection as it
+    /// answers for the grace, then drain.
+    fn hand_over(&mut self) {
+        let Some(pid) = self.upgrade.as_ref().map(|u| u.pid) else {
+            return;
+        };
+        self.forget_pipe();
+        if let Some(upgrading) = &mut self.upgrade {
+            upgrading.stage = Stage::Serving;
+        }
+        if let Some(mut acceptor) = self.acceptor.take() {
+            let listener = acceptor.listener_mut();
+            let _ = self.poll.registry().deregister(listener.socket_mut());
+            self.handed_over.push(acceptor.into_listener());
+        }
+        if let Some(admin) = &mut self.admin {
+            admin.stop_accepting(self.poll.registry());
+        }
+        self.shutdown_started = Some(std::time::SystemTime::now());
+        let until = self.now + UPGRADE_GRACE;
+        info!(self.log, "shutting down server"; "reason" => "upgrade", "new_pid" => pid,
+              "connections" => self.crew.open(), "grace_ms" => UPGRADE_GRACE.as_millis() as u64,
+              "timeout_ms" => self.shutdown_timeout.as_millis() as u64);
+        // The new process is the service now; from here on this one says nothing to systemd.
+        self.tell_systemd(Notice::MainPid(pid.unsigned_abs()));
+        self.notify_systemd = false;
+        self.phase = Phase::HandingOver { until };
+        self.timers
+            .reschedule(Timer::HandoverEnd, None, Some(until));
+        self.crew.tell_all(|| Command::CloseEveryResponse);
+    }
+
+    /// Not ready within `--upgrade-timeout`: kill it, serve on.
+    pub(super) fn upgrade_timed_out(&mut self) {
+        let Some(upgrading) = &mut self.upgrade else {
+            return;
+        };
+        if upgrading.stage != Stage::Starting {
+            return;
+        }
+        let pid = upgrading.pid;
+        upgrading.stage = Stage::Killed;
+        upgrade::kill(pid, libc::SIGKILL);
+        let reason = format!(
+            "not ready within {} ms; killed it",
+            self.upgrade_timeout.as_millis()
+        );
+        self.upgrade_failed(pid, &reason);
+        self.forget_pipe();
+        self.reap();
+    }
+
+    /// SIGTERM/SIGINT while a new process is starting: it never served, so it goes too.
+    pub(super) fn abandon_upgrade(&mut self) {
+        let Some(upgrading) = &mut self.upgrade else {
+            return;
+        };
+        if upgrading.stage == Stage::Starting {
+            upgrading.stage = Stage::Killed;
+            let pid = upgrading.pid;
+            warn!(self.log, "stopping during an upgrade: stopping the new process too"; "pid" => pid);
+            upgrade::kill(pid, libc::SIGTERM);
+            self.forget_pipe();
+        }
+    }
+
+    /// SIGCHLD: reap the new process if it has exited, so none is left a zombie.
+    pub(super) fn reap(&mut self) {
+        let Some(upgrading) = &self.upgrade else {
+            upgrade::reap_any();
+            return;
+        };
+        let (pid, stage) = (upgrading.pid, upgrading.stage);
+        let Some(status) = upgrade::reap(pid) else {
+            return;
+        };
+        let how = upgrade::describe_exit(status);
+        match stage {
+            Stage::Starting | Stage::Gone => self.upgrade_failed(pid, &how),
+            Stage::Killed => {
+                debug!(self.log, "reaped the new process"; "pid" => pid, "status" => how)
+            }
+            Stage::Serving => {
+                warn!(self.log, "the new process has exited"; "pid" => pid, "status" => how)
+            }
+        }
+        self.forget_pipe();
+        self.upgrade = None;
+    }
+
+    /// Logs the failure and serves on: systemd hears the service is ready again.
+    fn upgrade_failed(&mut self, pid: libc::pid_t, reason: &str) {
+        error!(self.log, "upgrade failed"; "pid" => pid, "reason" => reason);
+        if self.phase == Phase::Serving {
+            let status = format!("serving on {}", self.addr);
+            self.tell_systemd(Notice::Ready(&status));
+        }
+    }
+
+    /// The upgrade is decided: stop watching the readiness pipe, cancel its timeout.
+    fn forget_pipe(&mut self) {
+        if let Some(upgrading) = &self.upgrade {
+            let fd = upgrading.ready.as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            self.timers
+                .reschedule(Timer::UpgradeTimeout, Some(upgrading.deadline), None);
+        }
+    }
+}
