@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# REDbot (the HTTP linter) against a release build: every response it checks must carry no note
-# of level WARN or BAD (caching, security headers, framing, Date, Content-Length ...).
+# REDbot (the HTTP linter) against a release build: every response it checks, on the API and on
+# every admin endpoint, must carry no note of level WARN or BAD (caching, security headers,
+# framing, Date, Content-Length ...).
 # Needs: python3 with venv and PyPI (REDbot is installed into a virtual environment of its own
 # under target/, reused by later runs); no root. Talks only to 127.0.0.1. Takes under a minute.
 set -euo pipefail
@@ -24,14 +25,22 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-./target/release/greenlight --host 127.0.0.1 --port "$port" --log-format json 2>"$work/server.log" &
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port=$(free_port)
+admin=$(free_port)
+./target/release/greenlight --host 127.0.0.1 --port "$port" --admin-addr "127.0.0.1:$admin" \
+  --log-format json 2>"$work/server.log" &
 server_pid=$!
 timeout 10 bash -c "until grep -q 'starting server' '$work/server.log'; do sleep 0.05; done"
 
 urls=(
   "http://127.0.0.1:$port/v1/healthcheck"
   "http://127.0.0.1:$port/v1/no-such-thing"
+  "http://127.0.0.1:$admin/readyz"
+  "http://127.0.0.1:$admin/livez"
+  "http://127.0.0.1:$admin/metrics"
+  "http://127.0.0.1:$admin/debug/vars"
+  "http://127.0.0.1:$admin/no-such-thing"
 )
 failed=0
 for url in "${urls[@]}"; do
