@@ -100,7 +100,6 @@ fn asking_for_more_connections_than_the_limit_allows_warns_with_both_numbers() {
 
 #[test]
 fn more_workers_than_the_descriptor_limit_holds_is_a_clean_exit_1_saying_why() {
-    use std::os::unix::process::CommandExt;
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_greenlight"));
     command.args([
         "--host",
@@ -112,20 +111,7 @@ fn more_workers_than_the_descriptor_limit_holds_is_a_clean_exit_1_saying_why() {
         "--workers",
         "1024",
     ]);
-    let limit = libc::rlimit {
-        rlim_cur: 1024,
-        rlim_max: 1024,
-    };
-    // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
+    limit_fds(&mut command, 1024, 1024);
     let output = command.output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     let text = String::from_utf8_lossy(&output.stderr);

@@ -4,9 +4,6 @@ mod support;
 
 use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -230,72 +227,8 @@ fn starting_server_line_means_signals_are_handled() {
 /// before the signal is answered, no response is cut short, and the server exits 0.
 #[test]
 fn fifty_clients_hammering_during_sigterm_lose_nothing() {
-    const CLIENTS: usize = 50;
-    const MAX_REQUESTS: usize = 5_000;
     let mut server = spawn_server(&[]);
-    let addr = server.addr;
-    let warmed = Arc::new(Barrier::new(CLIENTS + 1));
-    let signalled = Arc::new(AtomicBool::new(false));
-    let answered_total = Arc::new(AtomicUsize::new(0));
-    let mut clients = Vec::new();
-    for _ in 0..CLIENTS {
-        let warmed = warmed.clone();
-        let signalled = signalled.clone();
-        let answered_total = answered_total.clone();
-        clients.push(thread::spawn(move || -> Result<(), String> {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-            stream.set_read_timeout(Some(PROMPTLY)).unwrap();
-            let mut warm = true;
-            for i in 0..MAX_REQUESTS {
-                if Instant::now() > deadline {
-                    return Err("client ran out of time".into());
-                }
-                if warm && i == 10 {
-                    warmed.wait();
-                    warm = false;
-                }
-                // Written before the signal is sent => must be answered.
-                let before_signal = !signalled.load(Ordering::SeqCst);
-                if let Err(e) = stream.write_all(HEALTHCHECK) {
-                    if before_signal {
-                        return Err(format!("write failed before the signal: {e}"));
-                    }
-                    break;
-                }
-                match read_response_from(&mut stream, false) {
-                    Ok(response) => {
-                        if response.status != 200 || response.json()["status"] != "available" {
-                            return Err(format!("bad response {response:?}"));
-                        }
-                        answered_total.fetch_add(1, Ordering::Relaxed);
-                        if response.closes() {
-                            break;
-                        }
-                    }
-                    Err(partial) if partial.is_empty() && !before_signal => break,
-                    Err(partial) => {
-                        return Err(format!(
-                            "request (before signal: {before_signal}) lost or truncated: {:?}",
-                            String::from_utf8_lossy(&partial)
-                        ));
-                    }
-                }
-            }
-            if warm {
-                warmed.wait();
-            }
-            Ok(())
-        }));
-    }
-    warmed.wait();
-    // The flag is raised before kill(2): a request written after reading `false` was written
-    // before the signal was sent.
-    signalled.store(true, Ordering::SeqCst);
-    server.signal(libc::SIGTERM);
-    for client in clients {
-        client.join().unwrap().unwrap();
-    }
+    let answered = hammer_through_sigterm(&server, 50);
     assert_eq!(server.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(0));
-    assert!(answered_total.load(Ordering::Relaxed) >= CLIENTS * 10);
+    assert!(answered >= 50 * 10);
 }

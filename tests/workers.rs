@@ -11,9 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::channel;
-use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -523,6 +521,26 @@ fn sigint_starts_the_one_drain_too() {
     assert_eq!(count(log, "stopped server"), 1, "{log:?}");
 }
 
+/// Eight healthchecks in flight (a long `--healthcheck-delay`), two on each of 4 workers
+/// (checked from the `accepted` debug lines).
+fn in_flight_on_every_worker(server: &mut Server) -> Vec<TcpStream> {
+    let streams: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut stream = server.connect();
+            stream.write_all(HEALTHCHECK).unwrap();
+            stream
+        })
+        .collect();
+    let peers: Vec<String> = streams.iter().map(peer_of).collect();
+    let workers: BTreeSet<u64> = workers_of(server, &peers).into_iter().collect();
+    assert_eq!(
+        workers,
+        BTreeSet::from([0, 1, 2, 3]),
+        "in flight on every worker"
+    );
+    streams
+}
+
 #[test]
 fn the_one_shutdown_deadline_forces_every_worker_and_exits_1_within_seconds() {
     let mut server = spawn_server(&[
@@ -535,20 +553,7 @@ fn the_one_shutdown_deadline_forces_every_worker_and_exits_1_within_seconds() {
         "--log-level",
         "debug",
     ]);
-    let mut streams: Vec<TcpStream> = (0..8)
-        .map(|_| {
-            let mut stream = server.connect();
-            stream.write_all(HEALTHCHECK).unwrap();
-            stream
-        })
-        .collect();
-    let peers: Vec<String> = streams.iter().map(peer_of).collect();
-    let workers: BTreeSet<u64> = workers_of(&mut server, &peers).into_iter().collect();
-    assert_eq!(
-        workers,
-        BTreeSet::from([0, 1, 2, 3]),
-        "in flight on every worker"
-    );
+    let mut streams = in_flight_on_every_worker(&mut server);
 
     let signalled = Instant::now();
     server.signal(libc::SIGTERM);
@@ -581,20 +586,7 @@ fn a_second_sigterm_while_draining_exits_1_with_an_error_line() {
         "--log-level",
         "debug",
     ]);
-    let mut streams: Vec<TcpStream> = (0..8)
-        .map(|_| {
-            let mut stream = server.connect();
-            stream.write_all(HEALTHCHECK).unwrap();
-            stream
-        })
-        .collect();
-    let peers: Vec<String> = streams.iter().map(peer_of).collect();
-    let workers: BTreeSet<u64> = workers_of(&mut server, &peers).into_iter().collect();
-    assert_eq!(
-        workers,
-        BTreeSet::from([0, 1, 2, 3]),
-        "in flight on every worker"
-    );
+    let mut streams = in_flight_on_every_worker(&mut server);
 
     server.terminate();
     let second = Instant::now();
@@ -688,75 +680,11 @@ fn a_burst_of_requests_written_just_before_sigterm_is_answered_in_full() {
 /// exits 0.
 #[test]
 fn forty_clients_hammering_four_workers_through_sigterm_lose_nothing() {
-    const CLIENTS: usize = 40;
-    const MAX_REQUESTS: usize = 5_000;
     let mut server = spawn_server(&["--workers", "4"]);
     assert_eq!(started_workers(&mut server), Some(4));
-    let addr = server.addr;
-    let warmed = Arc::new(Barrier::new(CLIENTS + 1));
-    let signalled = Arc::new(AtomicBool::new(false));
-    let answered_total = Arc::new(AtomicUsize::new(0));
-    let mut clients = Vec::new();
-    for _ in 0..CLIENTS {
-        let warmed = warmed.clone();
-        let signalled = signalled.clone();
-        let answered_total = answered_total.clone();
-        clients.push(thread::spawn(move || -> Result<(), String> {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-            stream.set_read_timeout(Some(PROMPTLY)).unwrap();
-            let mut warm = true;
-            for i in 0..MAX_REQUESTS {
-                if Instant::now() > deadline {
-                    return Err("client ran out of time".into());
-                }
-                if warm && i == 10 {
-                    warmed.wait();
-                    warm = false;
-                }
-                // Written before the signal is sent => must be answered.
-                let before_signal = !signalled.load(Ordering::SeqCst);
-                if let Err(e) = stream.write_all(HEALTHCHECK) {
-                    if before_signal {
-                        return Err(format!("write failed before the signal: {e}"));
-                    }
-                    break;
-                }
-                match read_response_from(&mut stream, false) {
-                    Ok(response) => {
-                        if response.status != 200 || response.json()["status"] != "available" {
-                            return Err(format!("bad response {response:?}"));
-                        }
-                        answered_total.fetch_add(1, Ordering::Relaxed);
-                        if response.closes() {
-                            break;
-                        }
-                    }
-                    Err(partial) if partial.is_empty() && !before_signal => break,
-                    Err(partial) => {
-                        return Err(format!(
-                            "request (before signal: {before_signal}) lost or truncated: {:?}",
-                            String::from_utf8_lossy(&partial)
-                        ));
-                    }
-                }
-            }
-            if warm {
-                warmed.wait();
-            }
-            Ok(())
-        }));
-    }
-    warmed.wait();
-    // The flag is raised before kill(2): a request written after reading `false` was written
-    // before the signal was sent.
-    signalled.store(true, Ordering::SeqCst);
-    server.signal(libc::SIGTERM);
-    for client in clients {
-        client.join().unwrap().unwrap();
-    }
+    let answered = hammer_through_sigterm(&server, 40);
     assert_eq!(server.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(0));
-    assert!(answered_total.load(Ordering::Relaxed) >= CLIENTS * 10);
+    assert!(answered >= 40 * 10);
     let log = server.final_log();
     assert_eq!(count(log, "shutting down server"), 1, "{log:?}");
     assert_eq!(count(log, "stopped server"), 1, "{log:?}");

@@ -40,6 +40,25 @@ pub fn spawn_server_with_fd_limits(args: &[&str], soft: u64, hard: u64) -> Serve
     spawn(args, &[], Some((soft, hard)))
 }
 
+/// Sets `RLIMIT_NOFILE` for the child `command` starts, alone.
+pub fn limit_fds(command: &mut Command, soft: u64, hard: u64) {
+    use std::os::unix::process::CommandExt;
+    let limit = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 /// Sets a running process's `RLIMIT_NOFILE` (as `prlimit --nofile` does).
 pub fn set_fd_limit(pid: i32, soft: u64, hard: u64) {
     let limit = libc::rlimit {
@@ -85,21 +104,7 @@ fn spawn_binary(
         command.env(key, value);
     }
     if let Some((soft, hard)) = nofile {
-        use std::os::unix::process::CommandExt;
-        let limit = libc::rlimit {
-            rlim_cur: soft,
-            rlim_max: hard,
-        };
-        // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
+        limit_fds(&mut command, soft, hard);
     }
     let mut child = command.spawn().expect("spawn greenlight");
     let pid = child.id() as i32;
@@ -439,4 +444,78 @@ impl Drop for StoppedThread {
             libc::ptrace(libc::PTRACE_DETACH, self.0, null, null);
         }
     }
+}
+
+/// `clients` threads hammer keep-alive connections with healthchecks; once each has had ten
+/// answered, SIGTERM is sent. Every request written before the signal must be answered in
+/// full (none lost, none cut short); after it, a refused write or a clean close ends a client.
+/// Returns the number of requests answered. Bounded: 5,000 requests and 60 s per client.
+pub fn hammer_through_sigterm(server: &Server, clients: usize) -> usize {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Barrier};
+    const MAX_REQUESTS: usize = 5_000;
+    let addr = server.addr;
+    let warmed = Arc::new(Barrier::new(clients + 1));
+    let signalled = Arc::new(AtomicBool::new(false));
+    let answered_total = Arc::new(AtomicUsize::new(0));
+    let mut threads = Vec::new();
+    for _ in 0..clients {
+        let warmed = warmed.clone();
+        let signalled = signalled.clone();
+        let answered_total = answered_total.clone();
+        threads.push(thread::spawn(move || -> Result<(), String> {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+            stream.set_read_timeout(Some(PROMPTLY)).unwrap();
+            let mut warm = true;
+            for i in 0..MAX_REQUESTS {
+                if Instant::now() > deadline {
+                    return Err("client ran out of time".into());
+                }
+                if warm && i == 10 {
+                    warmed.wait();
+                    warm = false;
+                }
+                // Written before the signal is sent => must be answered.
+                let before_signal = !signalled.load(Ordering::SeqCst);
+                if let Err(e) = stream.write_all(HEALTHCHECK) {
+                    if before_signal {
+                        return Err(format!("write failed before the signal: {e}"));
+                    }
+                    break;
+                }
+                match read_response_from(&mut stream, false) {
+                    Ok(response) => {
+                        if response.status != 200 || response.json()["status"] != "available" {
+                            return Err(format!("bad response {response:?}"));
+                        }
+                        answered_total.fetch_add(1, Ordering::Relaxed);
+                        if response.closes() {
+                            break;
+                        }
+                    }
+                    Err(partial) if partial.is_empty() && !before_signal => break,
+                    Err(partial) => {
+                        return Err(format!(
+                            "request (before signal: {before_signal}) lost or truncated: {:?}",
+                            String::from_utf8_lossy(&partial)
+                        ));
+                    }
+                }
+            }
+            if warm {
+                warmed.wait();
+            }
+            Ok(())
+        }));
+    }
+    warmed.wait();
+    // The flag is raised before kill(2): a request written after reading `false` was written
+    // before the signal was sent.
+    signalled.store(true, Ordering::SeqCst);
+    server.signal(libc::SIGTERM);
+    for thread in threads {
+        thread.join().unwrap().unwrap();
+    }
+    answered_total.load(Ordering::Relaxed)
 }
