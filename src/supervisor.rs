@@ -138,7 +138,6 @@ impl Supervisor {
         });
         // First, before any descriptor is opened (fd 3 must be systemd's, not our epoll's).
         let inherited = systemd::inherited_listeners()?;
-        let ready_pipe = upgrade::inherited_ready_pipe();
         let poll = Poll::new()?;
         let socket_activated = inherited.api.is_some();
         let owns_sockets = !socket_activated || upgrade::inherited_sockets_owned();
@@ -215,7 +214,7 @@ impl Supervisor {
             args: std::env::args_os().skip(1).collect(),
             upgrade_timeout: config.upgrade_timeout,
             upgrade: None,
-            ready_pipe,
+            ready_pipe: None,
             handed_over: Vec::new(),
             notify_systemd: true,
             watchdog: systemd::watchdog_interval(),
@@ -225,6 +224,13 @@ impl Supervisor {
             config: config.clone(),
             log,
         })
+    }
+
+    /// Started by an upgrade: the pipe to tell the old process on, once serving (`READY`), or,
+    /// if this process stops before that, with what status (`EXIT n`).
+    pub fn announcing_to(mut self, pipe: Option<OwnedFd>) -> Supervisor {
+        self.ready_pipe = pipe;
+        self
     }
 
     /// The address actually bound.
@@ -276,9 +282,15 @@ impl Supervisor {
     pub fn run(mut self) -> Exit {
         if let Err(e) = self.crew.spawn(&self.config, &self.log) {
             crit!(self.log, "cannot start worker threads"; "error" => %e);
+            if let Some(pipe) = self.ready_pipe.take() {
+                upgrade::announce_exit(pipe, Exit::Forced.code());
+            }
             return Exit::Forced;
         }
         if !self.await_workers() {
+            if let Some(pipe) = self.ready_pipe.take() {
+                upgrade::announce_exit(pipe, Exit::Forced.code());
+            }
             return Exit::Forced;
         }
         if self.socket_activated {

@@ -20,6 +20,9 @@ pub const READY_FD_VAR: &str = "GREENLIGHT_READY_FD";
 pub const SOCKETS_OWNED_VAR: &str = "GREENLIGHT_SOCKETS_OWNED";
 
 /// What a new process writes when it serves (the moment of its `starting server` line).
+/// The pipe carries lines: `PID n` (from the intermediate process of a detached start: the new
+/// process's PID), `READY`, or `EXIT n` (the new process is exiting with status n before it
+/// was ready).
 pub const READY: &[u8] = b"READY\n";
 
 /// How long the old process keeps answering, every response with `Connection: close`, once the
@@ -73,12 +76,21 @@ pub struct Started {
 /// Starts `exe` with `args` and this process's environment (less [`NOT_PASSED_ON`]), handing it
 /// `sockets` at descriptors 3.. and the write end of a readiness pipe after them, with the soft
 /// descriptor limit set back to `original_soft` so it raises it itself as this one did.
+///
+/// `detach` (under systemd): start it through an intermediate process that exits at once, so
+/// the new process is the service manager's child, not ours, by the time `MAINPID=` names it.
+/// systemd 252 decides once, at `MAINPID=`, whether the main process is its child; one that is
+/// not is SIGKILLed at the next `systemctl stop` instead of being given its graceful stop.
+/// The intermediate then writes `PID n` on the pipe, and [`Started::pid`] is the
+/// intermediate's (reaped at once); the new process's exit status is then only what it says on
+/// the pipe (`EXIT n`), since only its parent could wait for it.
 pub fn spawn(
     exe: &Path,
     args: &[OsString],
     sockets: &[Handed<'_>],
     sockets_owned: bool,
     original_soft: u64,
+    detach: bool,
 ) -> io::Result<Started> {
     let (ready_read, ready_write) = pipe()?;
     let ready_target = 3 + sockets.len() as RawFd;
@@ -155,6 +167,7 @@ pub fn spawn(
                 &path,
                 &argv_ptrs,
                 &env_ptrs,
+                detach,
             )
         }
     }
@@ -177,6 +190,7 @@ unsafe fn child(
     path: &CString,
     argv: &[*const libc::c_char],
     env: &[*const libc::c_char],
+    detach: bool,
 ) -> ! {
     unsafe {
         // First out of the way (above every target), close-on-exec, so no dup2 below clobbers
@@ -194,6 +208,18 @@ unsafe fn child(
                 libc::_exit(126);
             }
         }
+        // The readiness pipe is the last descriptor handed over.
+        let pipe = 3 + sources.len() as RawFd - 1;
+        if detach {
+            let grandchild = libc::fork();
+            if grandchild < 0 {
+                libc::_exit(126);
+            }
+            if grandchild > 0 {
+                say(pipe, b"PID ", grandchild as u32);
+                libc::_exit(0);
+            }
+        }
         libc::setrlimit(libc::RLIMIT_NOFILE, limit);
         let mut pid = libc::getpid() as u32;
         for i in (0..10).rev() {
@@ -201,8 +227,46 @@ unsafe fn child(
             pid /= 10;
         }
         libc::execve(path.as_ptr(), argv.as_ptr(), env.as_ptr());
+        say(pipe, b"EXIT ", 127);
         libc::_exit(127)
     }
+}
+
+/// Writes `word` and `number` and a newline to `fd`, with no allocation (after fork).
+///
+/// # Safety
+/// `fd` is any descriptor; write(2) is async-signal-safe.
+unsafe fn say(fd: RawFd, word: &[u8], mut number: u32) {
+    let mut line = [0u8; 24];
+    let mut len = 0;
+    for (slot, &byte) in line.iter_mut().zip(word) {
+        *slot = byte;
+        len += 1;
+    }
+    let mut digits = [0u8; 10];
+    let mut count = 0;
+    loop {
+        if let Some(slot) = digits.get_mut(count) {
+            *slot = b'0' + (number % 10) as u8;
+        }
+        count += 1;
+        number /= 10;
+        if number == 0 || count == digits.len() {
+            break;
+        }
+    }
+    for i in (0..count).rev() {
+        if let (Some(slot), Some(&digit)) = (line.get_mut(len), digits.get(i)) {
+            *slot = digit;
+            len += 1;
+        }
+    }
+    if let Some(slot) = line.get_mut(len) {
+        *slot = b'\n';
+        len += 1;
+    }
+    // SAFETY: the buffer is valid for `len` bytes.
+    unsafe { libc::write(fd, line.as_ptr().cast(), len) };
 }
 
 /// The readiness pipe this process was handed by the process it upgrades, if any (named by
@@ -229,6 +293,12 @@ pub fn announce_ready(pipe: OwnedFd) -> io::Result<()> {
     file.write_all(READY)
 }
 
+/// Says "exiting with `code`" on the pipe (a new process that could not start) and closes it.
+pub fn announce_exit(pipe: OwnedFd, code: u8) {
+    let mut file = std::fs::File::from(pipe);
+    let _ = writeln!(file, "EXIT {code}");
+}
+
 /// What the readiness pipe said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Heard {
@@ -238,6 +308,23 @@ pub enum Heard {
     Ready,
     /// The pipe closed without [`READY`]: the new process exited (or closed it) first.
     Gone,
+}
+
+/// The new process's PID, if an intermediate process said it (`PID n`).
+pub fn said_pid(heard: &[u8]) -> Option<libc::pid_t> {
+    said_number(heard, "PID ").and_then(|n| libc::pid_t::try_from(n).ok())
+}
+
+/// The exit status the new process said it is exiting with (`EXIT n`), if it did.
+pub fn said_exit(heard: &[u8]) -> Option<u32> {
+    said_number(heard, "EXIT ")
+}
+
+fn said_number(heard: &[u8], word: &str) -> Option<u32> {
+    let text = std::str::from_utf8(heard).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(word))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 /// Reads what the readiness pipe (non-blocking) has, until it would block.
@@ -250,7 +337,7 @@ pub fn listen(pipe: &OwnedFd, heard: &mut Vec<u8>) -> Heard {
     loop {
         match file.read(&mut buf) {
             Ok(0) => {
-                return if heard.starts_with(READY) {
+                return if said_ready(heard) {
                     Heard::Ready
                 } else {
                     Heard::Gone
@@ -258,7 +345,7 @@ pub fn listen(pipe: &OwnedFd, heard: &mut Vec<u8>) -> Heard {
             }
             Ok(n) => {
                 heard.extend_from_slice(buf.get(..n).unwrap_or_default());
-                if heard.starts_with(READY) {
+                if said_ready(heard) {
                     return Heard::Ready;
                 }
             }
@@ -266,6 +353,11 @@ pub fn listen(pipe: &OwnedFd, heard: &mut Vec<u8>) -> Heard {
             Err(_) => return Heard::Nothing,
         }
     }
+}
+
+fn said_ready(heard: &[u8]) -> bool {
+    let word = READY.strip_suffix(b"\n").unwrap_or(READY);
+    heard.split(|&b| b == b'\n').any(|line| line == word)
 }
 
 /// How a child ended, as logged.
@@ -349,7 +441,7 @@ mod tests {
             fd: listener.as_raw_fd(),
             name: "api",
         }];
-        let started = spawn(Path::new("/bin/sh"), &args, &handed, true, 1024).unwrap();
+        let started = spawn(Path::new("/bin/sh"), &args, &handed, true, 1024, false).unwrap();
         let mut heard = Vec::new();
         let outcome = loop {
             let mut poll = libc::pollfd {
@@ -377,11 +469,62 @@ mod tests {
 
     #[test]
     fn a_child_that_cannot_start_is_gone_before_ready() {
-        let started = spawn(Path::new("/nonexistent/greenlight"), &[], &[], false, 1024).unwrap();
+        let started = spawn(
+            Path::new("/nonexistent/greenlight"),
+            &[],
+            &[],
+            false,
+            1024,
+            false,
+        )
+        .unwrap();
         let mut status = 0;
         // SAFETY: waiting for our own child.
         unsafe { libc::waitpid(started.pid, &mut status, 0) };
         assert_eq!(describe_exit(status), "exited with status 127");
-        assert_eq!(listen(&started.ready, &mut Vec::new()), Heard::Gone);
+        let mut heard = Vec::new();
+        assert_eq!(listen(&started.ready, &mut heard), Heard::Gone);
+        assert_eq!(said_exit(&heard), Some(127));
+    }
+
+    #[test]
+    fn a_detached_child_is_not_ours_and_its_pid_and_exit_come_over_the_pipe() {
+        let started = spawn(
+            Path::new("/nonexistent/greenlight"),
+            &[],
+            &[],
+            false,
+            1024,
+            true,
+        )
+        .unwrap();
+        let mut status = 0;
+        // SAFETY: waiting for our own child: the intermediate, which exits at once.
+        unsafe { libc::waitpid(started.pid, &mut status, 0) };
+        assert_eq!(describe_exit(status), "exited with status 0");
+        let mut heard = Vec::new();
+        let outcome = loop {
+            let mut poll = libc::pollfd {
+                fd: started.ready.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll reads and writes the one valid pollfd it is given.
+            assert_eq!(unsafe { libc::poll(&mut poll, 1, 10_000) }, 1);
+            match listen(&started.ready, &mut heard) {
+                Heard::Nothing => continue,
+                other => break other,
+            }
+        };
+        assert_eq!(outcome, Heard::Gone);
+        let grandchild = said_pid(&heard).expect("PID line");
+        assert_ne!(grandchild, started.pid);
+        assert_eq!(said_exit(&heard), Some(127));
+        // Not our child: waitpid refuses it.
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { libc::waitpid(grandchild, &mut status, libc::WNOHANG) },
+            -1
+        );
     }
 }

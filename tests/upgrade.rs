@@ -286,3 +286,96 @@ fn the_new_process_gets_the_original_soft_descriptor_limit() {
     assert_eq!(std::fs::read_to_string(&report).unwrap().trim(), "64");
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// A datagram socket standing in for systemd's NOTIFY_SOCKET.
+fn notify_socket(tag: &str) -> (std::os::unix::net::UnixDatagram, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("greenlight-notify-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify");
+    let _ = std::fs::remove_file(&path);
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket.set_read_timeout(Some(PROMPTLY)).unwrap();
+    (socket, path)
+}
+
+fn next_notice(socket: &std::os::unix::net::UnixDatagram) -> String {
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf).expect("a notification");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|p| p.trim().parse().ok())
+}
+
+#[test]
+fn under_systemd_the_new_process_is_not_our_child_when_mainpid_names_it() {
+    let (socket, path) = notify_socket("mainpid");
+    let mut old = spawn_server_with_env(&[], &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    assert!(next_notice(&socket).starts_with("READY=1\n"));
+    old.signal(libc::SIGHUP);
+    assert!(next_notice(&socket).starts_with("RELOADING=1\n"));
+    let mut notices = Vec::new();
+    let main_pid = loop {
+        let notice = next_notice(&socket);
+        if let Some(pid) = notice.strip_prefix("MAINPID=") {
+            break pid.trim().parse::<i32>().unwrap();
+        }
+        notices.push(notice);
+    };
+    assert!(
+        notices.iter().any(|n| n.starts_with("READY=1\n")),
+        "the new process said READY=1 first: {notices:?}"
+    );
+    let new = Stranger(main_pid);
+    assert_ne!(main_pid, old.pid);
+    // systemd 252 SIGKILLs at `stop` a main process that was not its child at MAINPID=: the
+    // new process must already have left the old one by then.
+    assert_ne!(
+        parent_of(main_pid),
+        Some(old.pid),
+        "still the old process's child"
+    );
+    let handover = old.wait_for_log("shutting down server", PROMPTLY).unwrap();
+    assert_eq!(handover["new_pid"], main_pid);
+    assert_eq!(old.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(0));
+    assert_eq!(
+        exchange(&old, HEALTHCHECK).status,
+        200,
+        "the new one serves"
+    );
+    assert!(new.is_alive());
+    std::fs::remove_dir_all(path.parent().unwrap()).ok();
+}
+
+#[test]
+fn under_systemd_a_new_process_that_cannot_start_says_its_status() {
+    let (socket, path) = notify_socket("fails");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (dir, binary) = binary_copy("detached-fails");
+    let mut old = spawn_server_with_env_from(&binary, &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    assert!(next_notice(&socket).starts_with("READY=1\n"));
+    // The new binary is greenlight all right, but its admin address is taken: it exits 1.
+    let real = dir.join("greenlight.real");
+    std::fs::copy(env!("CARGO_BIN_EXE_greenlight"), &real).unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    replace_with_script(
+        &binary,
+        &format!("exec {} \"$@\" --admin-addr {taken_addr}", real.display()),
+    );
+    old.signal(libc::SIGHUP);
+    let failed = old
+        .wait_for_log("upgrade failed", PROMPTLY)
+        .expect("ERROR upgrade failed");
+    assert_eq!(failed["reason"], "exited with status 1", "{failed}");
+    // systemd hears the service is ready again.
+    assert!(next_notice(&socket).starts_with("RELOADING=1\n"));
+    assert!(next_notice(&socket).starts_with("READY=1\n"));
+    assert_eq!(exchange(&old, HEALTHCHECK).status, 200, "serves on");
+    std::fs::remove_dir_all(dir).ok();
+    std::fs::remove_dir_all(path.parent().unwrap()).ok();
+}

@@ -21,7 +21,12 @@ pub(super) const UPGRADE_READY: Token = Token(3);
 
 /// An upgrade under way.
 pub(super) struct Upgrading {
+    /// Our child: the new process, or (detached) the intermediate that started it.
     pid: libc::pid_t,
+    /// The new process, once known (at once, or from the intermediate's `PID n` line).
+    new_pid: Option<libc::pid_t>,
+    /// Started through an intermediate (under systemd): the new process is not our child.
+    detached: bool,
     ready: OwnedFd,
     heard: Vec<u8>,
     stage: Stage,
@@ -68,7 +73,16 @@ impl Supervisor {
             });
         }
         let original_soft = self.fd_limits.original_soft;
-        let started = upgrade::spawn(&exe, &self.args, &sockets, self.owns_sockets, original_soft);
+        // Under systemd the new process must be the manager's child before MAINPID= names it.
+        let detached = self.notify_systemd && std::env::var_os("NOTIFY_SOCKET").is_some();
+        let started = upgrade::spawn(
+            &exe,
+            &self.args,
+            &sockets,
+            self.owns_sockets,
+            original_soft,
+            detached,
+        );
         let started = match started {
             Ok(started) => started,
             Err(e) => {
@@ -86,15 +100,19 @@ impl Supervisor {
             upgrade::kill(started.pid, libc::SIGKILL);
             return;
         }
-        info!(self.log, "upgrading: started the new process"; "pid" => started.pid,
-              "path" => %exe.display(), "timeout_ms" => self.upgrade_timeout.as_millis() as u64);
-        let status = format!("upgrading to PID {}", started.pid);
+        let new_pid = (!detached).then_some(started.pid);
+        info!(self.log, "upgrading: started the new process"; "pid" => new_pid,
+              "path" => %exe.display(), "detached" => detached,
+              "timeout_ms" => self.upgrade_timeout.as_millis() as u64);
+        let status = format!("upgrading to {}", exe.display());
         self.tell_systemd(Notice::Reloading(&status));
         let deadline = self.now + self.upgrade_timeout;
         self.timers
             .reschedule(Timer::UpgradeTimeout, None, Some(deadline));
         self.upgrade = Some(Upgrading {
             pid: started.pid,
+            new_pid,
+            detached,
             ready: started.ready,
             heard: Vec::new(),
             stage: Stage::Starting,
@@ -110,14 +128,43 @@ impl Supervisor {
         if upgrading.stage != Stage::Starting {
             return;
         }
-        match upgrade::listen(&upgrading.ready, &mut upgrading.heard) {
+        let heard = upgrade::listen(&upgrading.ready, &mut upgrading.heard);
+        if upgrading.new_pid.is_none() {
+            upgrading.new_pid = upgrade::said_pid(&upgrading.heard);
+            if let Some(pid) = upgrading.new_pid {
+                info!(self.log, "upgrading: the new process is running"; "pid" => pid);
+            }
+        }
+        match heard {
             Heard::Nothing => {}
+            // Detached, MAINPID= must name the new process: wait for the intermediate's line
+            // (its write makes the pipe readable again).
+            Heard::Ready if upgrading.new_pid.is_none() => {}
             Heard::Ready => self.hand_over(),
             Heard::Gone => {
                 upgrading.stage = Stage::Gone;
+                let said = upgrade::said_exit(&upgrading.heard);
+                let (pid, detached) = (
+                    upgrading.new_pid.unwrap_or(upgrading.pid),
+                    upgrading.detached,
+                );
                 self.forget_pipe();
-                // Its status is logged once it is reaped (now, if it has already exited).
-                self.reap();
+                match (said, detached) {
+                    (Some(code), _) => {
+                        self.upgrade_failed(pid, &format!("exited with status {code}"));
+                        self.settle_failed();
+                    }
+                    // Not our child: all it can tell is what it said before it went.
+                    (None, true) => {
+                        self.upgrade_failed(
+                            pid,
+                            "exited before it was ready (its own log says why)",
+                        );
+                        self.settle_failed();
+                    }
+                    // Ours: its status is logged once it is reaped (now, if it has exited).
+                    (None, false) => self.reap(),
+                }
             }
         }
     }
@@ -126,7 +173,7 @@ impl Supervisor {
     /// sockets (they and their queues are the new process's), close every connection as it
     /// answers for the grace, then drain.
     fn hand_over(&mut self) {
-        let Some(pid) = self.upgrade.as_ref().map(|u| u.pid) else {
+        let Some(pid) = self.upgrade.as_ref().map(|u| u.new_pid.unwrap_or(u.pid)) else {
             return;
         };
         self.forget_pipe();
@@ -163,7 +210,7 @@ impl Supervisor {
         if upgrading.stage != Stage::Starting {
             return;
         }
-        let pid = upgrading.pid;
+        let pid = upgrading.new_pid.unwrap_or(upgrading.pid);
         upgrading.stage = Stage::Killed;
         upgrade::kill(pid, libc::SIGKILL);
         let reason = format!(
@@ -172,7 +219,21 @@ impl Supervisor {
         );
         self.upgrade_failed(pid, &reason);
         self.forget_pipe();
-        self.reap();
+        self.settle_failed();
+    }
+
+    /// A failed upgrade is settled: reap our child if it is done (detached, it is the
+    /// intermediate, long gone; the new process is the service manager's to reap).
+    fn settle_failed(&mut self) {
+        let detached = self.upgrade.as_ref().is_some_and(|u| u.detached);
+        if detached {
+            if let Some(upgrading) = &self.upgrade {
+                let _ = upgrade::reap(upgrading.pid);
+            }
+            self.upgrade = None;
+        } else {
+            self.reap();
+        }
     }
 
     /// SIGTERM/SIGINT while a new process is starting: it never served, so it goes too.
@@ -182,7 +243,7 @@ impl Supervisor {
         };
         if upgrading.stage == Stage::Starting {
             upgrading.stage = Stage::Killed;
-            let pid = upgrading.pid;
+            let pid = upgrading.new_pid.unwrap_or(upgrading.pid);
             warn!(self.log, "stopping during an upgrade: stopping the new process too"; "pid" => pid);
             upgrade::kill(pid, libc::SIGTERM);
             self.forget_pipe();
@@ -200,6 +261,17 @@ impl Supervisor {
             return;
         };
         let how = upgrade::describe_exit(status);
+        if upgrading.detached {
+            // The intermediate: it exits at once; only a failure to fork matters.
+            if stage == Stage::Starting
+                && !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0)
+            {
+                self.upgrade_failed(pid, &format!("could not start the new process ({how})"));
+                self.forget_pipe();
+                self.upgrade = None;
+            }
+            return;
+        }
         match stage {
             Stage::Starting | Stage::Gone => self.upgrade_failed(pid, &how),
             Stage::Killed => {

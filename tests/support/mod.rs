@@ -75,6 +75,11 @@ pub fn spawn_server_with_fd_limits_from(binary: &std::path::Path, soft: u64, har
     spawn_binary(binary.as_os_str(), &[], &[], Some((soft, hard)))
 }
 
+/// As [`spawn_server_from`], with extra environment variables.
+pub fn spawn_server_with_env_from(binary: &std::path::Path, env: &[(&str, &str)]) -> Server {
+    spawn_binary(binary.as_os_str(), &[], env, None)
+}
+
 /// As [`spawn_server`], started from the executable at `binary` (a copy, for upgrade tests).
 pub fn spawn_server_from(binary: &std::path::Path, args: &[&str]) -> Server {
     spawn_binary(binary.as_os_str(), args, &[], None)
