@@ -73,9 +73,10 @@ pub struct Started {
     pub ready: OwnedFd,
 }
 
-/// Starts `exe` with `args` and this process's environment (less [`NOT_PASSED_ON`]), handing it
-/// `sockets` at descriptors 3.. and the write end of a readiness pipe after them, with the soft
-/// descriptor limit set back to `original_soft` so it raises it itself as this one did.
+/// Starts `exe` with `args` and this process's environment (less the socket-passing, readiness
+/// and watchdog-PID variables, which it sets anew), handing it `sockets` at descriptors 3.. and
+/// the write end of a readiness pipe after them, with the soft descriptor limit set back to
+/// `original_soft` so it raises it itself as this one did.
 ///
 /// `detach` (under systemd): start it through an intermediate process that exits at once, so
 /// the new process is the service manager's child, not ours, by the time `MAINPID=` names it.
