@@ -127,7 +127,7 @@ until_true 20 "systemctl --user is-system-running >/dev/null 2>&1" || { echo "th
 verify="$work/verify"; mkdir -p "$verify"
 cp docs/systemd/greenlight.socket docs/systemd/greenlight-admin.socket "$verify/"
 sed "s|^ExecStart=/usr/local/bin/greenlight|ExecStart=$bin|" docs/systemd/greenlight.service >"$verify/greenlight.service"
-if (cd "$verify" && systemd-analyze verify ./greenlight.socket ./greenlight-admin.socket ./greenlight.service); then
+if (cd "$verify" && systemd-analyze verify --man=no ./greenlight.socket ./greenlight-admin.socket ./greenlight.service); then
   exposure=$(cd "$verify" && systemd-analyze security --offline=true ./greenlight.service 2>/dev/null | grep -o 'exposure level for greenlight.service: .*' || true)
   ok "docs/systemd units pass systemd-analyze verify ($exposure)"
 else
