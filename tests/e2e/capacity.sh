@@ -183,9 +183,12 @@ while True:
         os.kill(pid, 0)
     except ProcessLookupError:
         break
-    with open(f"/proc/{pid}/stat") as f:
-        if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-            break
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+    except OSError:  # it exited between the two looks (ESRCH, ENOENT)
+        break
     if time.monotonic() - t > 5:
         break
     time.sleep(0.005)
