@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use mio::event::Event;
 use mio::{Interest, Registry, Token};
-use slog::{Logger, debug, warn};
+use slog::{Logger, warn};
 
 use crate::app::{App, Probes};
 use crate::config::Config;
 use crate::conn::{Shared, Table};
 use crate::exposition::{Exposition, ProcessView};
-use crate::listener::{Accept, Listener};
+use crate::listener::{Acceptor, Listener};
 use crate::metrics::LoopMetrics;
 
 /// The admin listener's token in the supervisor's poll.
@@ -30,7 +30,7 @@ pub const MAX_ADMIN_CONNECTIONS: usize = 16;
 
 /// The admin listener and its connections.
 pub struct Admin {
-    listener: Listener,
+    acceptor: Acceptor,
     table: Table,
     shared: Shared,
     /// A connection over [`MAX_ADMIN_CONNECTIONS`] was refused and not yet logged as recovered.
@@ -53,7 +53,7 @@ impl Admin {
         let metrics = Arc::new(LoopMetrics::default());
         let exposition = Exposition::new(workers, metrics.clone());
         Ok(Admin {
-            listener,
+            acceptor: Acceptor::new(listener),
             table: Table::new(FIRST_CONN_TOKEN, metrics.clone()),
             shared: Shared::new(App::admin(exposition), config, metrics),
             over_limit: false,
@@ -64,19 +64,19 @@ impl Admin {
 
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
-        self.listener.addr()
+        self.acceptor.listener().addr()
     }
 
     /// The listening socket's descriptor (to hand over in an upgrade).
     pub fn listener_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
-        self.listener.socket().as_raw_fd()
+        self.acceptor.listener().socket().as_raw_fd()
     }
 
     /// Stops accepting: the socket now belongs to an upgrade's new process (it stays open
     /// here, never shut down); connections already accepted are still served.
     pub fn stop_accepting(&mut self, registry: &Registry) {
-        let _ = registry.deregister(self.listener.socket_mut());
+        let _ = registry.deregister(self.acceptor.listener_mut().socket_mut());
         self.accepting = false;
     }
 
@@ -86,31 +86,43 @@ impl Admin {
         self.shared.app.set_state(probes, view);
     }
 
-    /// Accepts until the queue is empty; one over [`MAX_ADMIN_CONNECTIONS`] is closed at once.
-    pub fn accept_ready(&mut self, registry: &Registry) {
-        while self.accepting {
-            match self.listener.accept() {
-                Accept::Conn(stream, peer) => {
-                    if self.table.open() >= MAX_ADMIN_CONNECTIONS {
-                        if !self.over_limit {
-                            warn!(self.log, "too many admin connections, closing new ones";
-                                  "max" => MAX_ADMIN_CONNECTIONS);
-                            self.over_limit = true;
-                        }
-                        continue;
+    /// Accepts until the queue is empty (as the API's listener does, pausing by deadline when
+    /// descriptors run out: returns when to resume); one over [`MAX_ADMIN_CONNECTIONS`] is
+    /// closed at once.
+    pub fn accept_ready(&mut self, registry: &Registry, now: Instant) -> Option<Instant> {
+        if !self.accepting {
+            return None;
+        }
+        let (table, shared, over_limit, log) = (
+            &mut self.table,
+            &self.shared,
+            &mut self.over_limit,
+            &self.log,
+        );
+        let open = table.open();
+        self.acceptor.accept_all(
+            now,
+            log,
+            || open,
+            |stream, peer| {
+                if table.open() >= MAX_ADMIN_CONNECTIONS {
+                    if !*over_limit {
+                        warn!(log, "too many admin connections, closing new ones";
+                          "max" => MAX_ADMIN_CONNECTIONS);
+                        *over_limit = true;
                     }
-                    self.over_limit = false;
-                    let cx = self.shared.context();
-                    self.table.adopt(registry, stream, peer, &cx, &self.log);
-                }
-                Accept::Empty => return,
-                // Out of descriptors: the next probe's connection retries (edge-triggered).
-                Accept::Exhausted(e) => {
-                    debug!(self.log, "cannot accept an admin connection"; "error" => %e);
                     return;
                 }
-            }
-        }
+                *over_limit = false;
+                table.adopt(registry, stream, peer, &shared.context(), log);
+            },
+        )
+    }
+
+    /// An accept pause is over: accept what waited meanwhile.
+    pub fn resume_accepting(&mut self, registry: &Registry, now: Instant) -> Option<Instant> {
+        self.acceptor.resume();
+        self.accept_ready(registry, now)
     }
 
     /// Readiness of one of the admin connections.

@@ -50,7 +50,7 @@ struct Slot {
 impl Slot {
     /// Connections open in this worker: handed minus closed (may count a few just closing).
     fn open(&self) -> usize {
-        self.handed.saturating_sub(self.stats.closed()) as usize
+        self.handed.saturating_sub(self.metrics.closed_total()) as usize
     }
 
     fn is_stopped(&self) -> bool {
@@ -163,6 +163,11 @@ impl Crew {
         self.slots.iter().map(|slot| slot.metrics.clone()).collect()
     }
 
+    /// `--max-connections` in force for the process.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
     /// Connections accepted, ever, and of those closed at once for being over the cap.
     pub fn accept_counts(&self) -> (u64, u64) {
         (self.accepted, self.refused)
@@ -235,7 +240,11 @@ impl Crew {
         if self.handed - self.closed_seen < limit {
             return false;
         }
-        self.closed_seen = self.slots.iter().map(|slot| slot.stats.closed()).sum();
+        self.closed_seen = self
+            .slots
+            .iter()
+            .map(|slot| slot.metrics.closed_total())
+            .sum();
         self.handed - self.closed_seen >= limit
     }
 
@@ -378,6 +387,7 @@ impl Drop for Farewell {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::CloseReason;
 
     fn crew(count: usize) -> (Crew, crate::mailbox::Inbox<Report>, Poll) {
         let poll = Poll::new().unwrap();
@@ -423,7 +433,8 @@ mod tests {
         assert_eq!(crew.open(), 7);
         assert!(crew.at_limit(7));
         assert!(!crew.at_limit(8));
-        crew.slots[1].stats.add_closed(2);
+        crew.slots[1].metrics.closed(CloseReason::PeerClosed);
+        crew.slots[1].metrics.closed(CloseReason::Drained);
         assert!(!crew.at_limit(7), "closed connections free room");
         assert_eq!(crew.open(), 5);
     }

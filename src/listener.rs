@@ -113,7 +113,12 @@ impl Acceptor {
         }
     }
 
-    /// The listener, for (de)registration and its address.
+    /// The listener.
+    pub fn listener(&self) -> &Listener {
+        &self.listener
+    }
+
+    /// The listener, for (de)registration.
     pub fn listener_mut(&mut self) -> &mut Listener {
         &mut self.listener
     }

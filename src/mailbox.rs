@@ -68,15 +68,14 @@ pub enum Report {
     Gone(usize),
 }
 
-/// One worker's figures that the supervisor reads without asking. Each has one writer (its
-/// worker); aligned to a cache line so no two workers' figures share one (false sharing).
+/// One worker's heartbeat, which the supervisor reads without asking. One writer (its worker);
+/// aligned to a cache line so no two workers' heartbeats share one (false sharing). (Its
+/// connection counts are in its `metrics::LoopMetrics`.)
 #[derive(Debug, Default)]
 #[repr(align(64))]
 pub struct WorkerStats {
     /// Milliseconds since the process epoch at the loop's last heartbeat.
     heartbeat_ms: AtomicU64,
-    /// Connections this worker has closed and freed, ever.
-    closed: AtomicU64,
 }
 
 impl WorkerStats {
@@ -89,18 +88,6 @@ impl WorkerStats {
     /// The last heartbeat, in milliseconds since the process epoch.
     pub fn last_beat_ms(&self) -> u64 {
         self.heartbeat_ms.load(Ordering::Relaxed)
-    }
-
-    /// Counts `n` more closed connections (written by the worker only: a plain load and store,
-    /// no read-modify-write contention).
-    pub fn add_closed(&self, n: u64) {
-        let total = self.closed.load(Ordering::Relaxed) + n;
-        self.closed.store(total, Ordering::Release);
-    }
-
-    /// Connections closed so far.
-    pub fn closed(&self) -> u64 {
-        self.closed.load(Ordering::Acquire)
     }
 }
 
@@ -223,11 +210,7 @@ mod tests {
     }
 
     #[test]
-    fn closed_counts_add_up() {
-        let stats = WorkerStats::default();
-        stats.add_closed(3);
-        stats.add_closed(2);
-        assert_eq!(stats.closed(), 5);
+    fn each_workers_heartbeat_has_a_cache_line_of_its_own() {
         assert_eq!(std::mem::align_of::<WorkerStats>(), 64);
     }
 

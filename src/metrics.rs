@@ -180,6 +180,11 @@ impl LoopMetrics {
         }
     }
 
+    /// Connections closed so far, for every reason.
+    pub fn closed_total(&self) -> u64 {
+        self.closed.iter().map(read).sum()
+    }
+
     /// A plain copy of the figures, for adding up.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {

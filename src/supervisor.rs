@@ -53,6 +53,8 @@ enum Timer {
     ShutdownDeadline,
     /// Accepting resumes after running out of file descriptors.
     AcceptResume,
+    /// The same for the admin listener.
+    AdminAcceptResume,
     /// Time to tell systemd's watchdog the process is alive (if every loop turns).
     Watchdog,
     /// Stop waiting for the workers to answer a forced stop or a dump.
@@ -87,7 +89,6 @@ pub struct Supervisor {
     drain_started: Option<Instant>,
     /// Times accepting paused for lack of descriptors (kept when the listener is closed).
     accept_pauses: u64,
-    max_connections: usize,
     /// The descriptor limits found and set at start-up.
     fd_limits: FdLimits,
     addr: SocketAddr,
@@ -206,7 +207,6 @@ impl Supervisor {
             shutdown_started: None,
             drain_started: None,
             accept_pauses: 0,
-            max_connections: cap.max_connections,
             fd_limits,
             socket_activated,
             owns_sockets,
@@ -243,6 +243,15 @@ impl Supervisor {
         self.admin.as_ref().map(Admin::addr)
     }
 
+    /// Files the end of an admin accept pause (out of descriptors), if there is one.
+    fn pause_admin_accepting(&mut self, resume: Option<Instant>) {
+        if let Some(resume) = resume {
+            self.accept_pauses += 1;
+            self.timers
+                .reschedule(Timer::AdminAcceptResume, None, Some(resume));
+        }
+    }
+
     fn admin_timeout(&self, now: Instant) -> Option<Duration> {
         self.admin.as_ref().and_then(|admin| admin.timeout(now))
     }
@@ -273,7 +282,7 @@ impl Supervisor {
             accepted,
             over_limit,
             accept_pauses: self.accept_pauses,
-            max_connections: self.max_connections,
+            max_connections: self.crew.max_connections(),
         };
         admin.update(probes, view);
     }
@@ -304,7 +313,7 @@ impl Supervisor {
         let admin_addr = self.admin.as_ref().map(Admin::addr);
         info!(self.log, "starting server"; "addr" => %self.addr, "env" => self.env.as_str(),
               "workers" => self.crew.len(), "max_fds" => self.fd_limits.soft,
-              "max_connections" => self.max_connections,
+              "max_connections" => self.crew.max_connections(),
               "admin_addr" => admin_addr.map(|addr| addr.to_string()));
         self.tell_systemd(Notice::Ready(&format!("serving on {}", self.addr)));
         if let Some(pipe) = self.ready_pipe.take()
@@ -349,7 +358,8 @@ impl Supervisor {
                     UPGRADE_READY => self.on_upgrade_pipe(),
                     ADMIN_LISTENER => {
                         if let Some(admin) = &mut self.admin {
-                            admin.accept_ready(self.poll.registry());
+                            let resume = admin.accept_ready(self.poll.registry(), self.now);
+                            self.pause_admin_accepting(resume);
                         }
                     }
                     _ => {
@@ -465,6 +475,12 @@ impl Supervisor {
                         acceptor.resume();
                     }
                     self.accept_ready();
+                }
+                Timer::AdminAcceptResume => {
+                    if let Some(admin) = &mut self.admin {
+                        let resume = admin.resume_accepting(self.poll.registry(), self.now);
+                        self.pause_admin_accepting(resume);
+                    }
                 }
                 Timer::Watchdog => self.feed_watchdog(),
                 Timer::DrainDelayEnd => {

@@ -419,6 +419,28 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
 mod tests {
     use super::*;
 
+    /// Waits (with poll(2), at most 10 s per wake-up) until the pipe says ready or closes.
+    fn hear_out(started: &Started) -> (Heard, Vec<u8>) {
+        let mut heard = Vec::new();
+        loop {
+            let mut poll = libc::pollfd {
+                fd: started.ready.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll reads and writes the one valid pollfd it is given.
+            assert_eq!(
+                unsafe { libc::poll(&mut poll, 1, 10_000) },
+                1,
+                "no word from the child"
+            );
+            match listen(&started.ready, &mut heard) {
+                Heard::Nothing => continue,
+                other => return (other, heard),
+            }
+        }
+    }
+
     #[test]
     fn the_executable_is_an_absolute_path_resolved_now() {
         let exe = executable_at_startup().expect("the test binary");
@@ -443,24 +465,7 @@ mod tests {
             name: "api",
         }];
         let started = spawn(Path::new("/bin/sh"), &args, &handed, true, 1024, false).unwrap();
-        let mut heard = Vec::new();
-        let outcome = loop {
-            let mut poll = libc::pollfd {
-                fd: started.ready.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: poll reads and writes the one valid pollfd it is given.
-            assert_eq!(
-                unsafe { libc::poll(&mut poll, 1, 10_000) },
-                1,
-                "no word from the child"
-            );
-            match listen(&started.ready, &mut heard) {
-                Heard::Nothing => continue,
-                other => break other,
-            }
-        };
+        let (outcome, _) = hear_out(&started);
         assert_eq!(outcome, Heard::Ready);
         let mut status = 0;
         // SAFETY: waiting for our own child.
@@ -503,20 +508,7 @@ mod tests {
         // SAFETY: waiting for our own child: the intermediate, which exits at once.
         unsafe { libc::waitpid(started.pid, &mut status, 0) };
         assert_eq!(describe_exit(status), "exited with status 0");
-        let mut heard = Vec::new();
-        let outcome = loop {
-            let mut poll = libc::pollfd {
-                fd: started.ready.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: poll reads and writes the one valid pollfd it is given.
-            assert_eq!(unsafe { libc::poll(&mut poll, 1, 10_000) }, 1);
-            match listen(&started.ready, &mut heard) {
-                Heard::Nothing => continue,
-                other => break other,
-            }
-        };
+        let (outcome, heard) = hear_out(&started);
         assert_eq!(outcome, Heard::Gone);
         let grandchild = said_pid(&heard).expect("PID line");
         assert_ne!(grandchild, started.pid);

@@ -128,10 +128,7 @@ impl Worker {
                 }
             }
             self.expire_timers();
-            let freed = self.table.free_closed();
-            if freed > 0 {
-                self.stats.add_closed(freed);
-            }
+            self.table.free_closed();
             self.check_drained();
         }
     }
@@ -143,8 +140,7 @@ impl Worker {
                 Command::CloseEveryResponse => self.shared.closing = true,
                 Command::Drain => self.begin_drain(),
                 Command::Force => {
-                    let freed = self.table.close_all(Close::Forced, &self.log);
-                    self.stats.add_closed(freed);
+                    self.table.close_all(Close::Forced, &self.log);
                     self.phase = Phase::Stopped(Exit::Forced);
                 }
                 Command::Dump => {
@@ -159,9 +155,7 @@ impl Worker {
     fn adopt(&mut self, stream: TcpStream, peer: SocketAddr) {
         let cx = self.shared.context();
         let registry = self.poll.registry();
-        if !self.table.adopt(registry, stream, peer, &cx, &self.log) {
-            self.stats.add_closed(1);
-        }
+        self.table.adopt(registry, stream, peer, &cx, &self.log);
     }
 
     /// Read what every connection has pending, close the idle ones, let the active ones finish.

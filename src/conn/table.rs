@@ -2,7 +2,8 @@
 //! close path. A worker holds one for the API; the supervisor holds one for the admin listener.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use mio::event::Event;
 use mio::net::TcpStream;
@@ -10,14 +11,11 @@ use mio::{Interest, Registry, Token};
 use slab::Slab;
 use slog::{Logger, debug, info, warn};
 
-use std::sync::Arc;
-use std::time::SystemTime;
-
 use super::{Close, Connection, Context, Scratch, Timeouts, Wake};
 use crate::app::App;
 use crate::config::{Config, enabled};
 use crate::http::{DateCache, Limits};
-use crate::metrics::LoopMetrics;
+use crate::metrics::{CloseReason, LoopMetrics};
 use crate::timers::Timers;
 
 /// What every connection of a loop reads while it runs: the configuration, the application,
@@ -123,8 +121,8 @@ impl Table {
         self.conns.iter().filter(|(_, c)| !c.is_closed()).count()
     }
 
-    /// Takes a connection in: registers it for READABLE and files its first deadline. False
-    /// (logged, the stream dropped) if it cannot be registered.
+    /// Takes a connection in: registers it for READABLE and files its first deadline. One that
+    /// cannot be registered is logged, counted as closed by an error, and dropped.
     pub fn adopt(
         &mut self,
         registry: &Registry,
@@ -132,13 +130,14 @@ impl Table {
         peer: SocketAddr,
         cx: &Context<'_>,
         log: &Logger,
-    ) -> bool {
+    ) {
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         let token = Token(self.first_token + key);
         if let Err(e) = registry.register(&mut stream, token, Interest::READABLE) {
             warn!(log, "cannot register connection"; "error" => %e, "peer" => %peer);
-            return false;
+            self.metrics.closed(CloseReason::Error);
+            return;
         }
         self.next_id += 1;
         let conn = entry.insert(Connection::new(self.next_id, stream, peer, cx));
@@ -148,7 +147,6 @@ impl Table {
         let deadline = conn.deadline();
         conn.filed_deadline = deadline;
         self.deadlines.reschedule(key, None, deadline);
-        true
     }
 
     /// Readiness for the connection behind `token`.
@@ -285,23 +283,19 @@ impl Table {
     }
 
     /// Closes every connection with `reason`, and frees them.
-    pub fn close_all(&mut self, reason: Close, log: &Logger) -> u64 {
+    pub fn close_all(&mut self, reason: Close, log: &Logger) {
         let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
         for key in keys {
             self.close(key, reason, log);
         }
-        self.free_closed()
+        self.free_closed();
     }
 
-    /// Frees the slots closed during the batch (dropping their sockets); returns how many.
-    pub fn free_closed(&mut self) -> u64 {
-        let mut freed = 0;
+    /// Frees the slots closed during the batch (dropping their sockets).
+    pub fn free_closed(&mut self) {
         for key in self.closed.drain(..) {
-            if self.conns.try_remove(key).is_some() {
-                freed += 1;
-            }
+            self.conns.try_remove(key);
         }
-        freed
     }
 
     /// SIGQUIT: one log line per open connection, for finding what holds a stuck process.
