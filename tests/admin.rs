@@ -175,3 +175,32 @@ fn the_admin_listener_on_the_api_address_is_refused_with_exit_2() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--admin-addr"));
 }
+
+#[test]
+fn admin_connections_over_the_cap_are_closed_at_once() {
+    let (mut server, admin) = spawn_with_admin(&[]);
+    // Sixteen held open (each answered once, so each was taken in), then one more.
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        let mut stream = std::net::TcpStream::connect(admin).unwrap();
+        stream
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        assert_eq!(read_response(&mut stream).status, 200);
+        held.push(stream);
+    }
+    let mut over = std::net::TcpStream::connect(admin).unwrap();
+    over.set_read_timeout(Some(PROMPTLY)).unwrap();
+    let _ = over.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        read_response_from(&mut over, false).is_err(),
+        "closed unanswered"
+    );
+    let warning = server
+        .wait_for_log("too many admin connections, closing new ones", PROMPTLY)
+        .expect("a WARNING");
+    assert_eq!(warning["max"], 16);
+    drop(held);
+    // The API is not affected.
+    assert_eq!(exchange(&server, HEALTHCHECK).status, 200);
+}

@@ -11,12 +11,15 @@ use std::time::{Duration, Instant};
 use support::*;
 
 /// Descriptors for the server: 3 standard ones, the supervisor's epoll, waker and signal pipe
-/// (2), the listener, two per worker, leaving room for a dozen connections or more.
+/// (2), the listener and the admin listener, two per worker, leaving room for a dozen or more
+/// connections.
 const FD_LIMIT: u64 = 28;
 
 #[test]
 fn out_of_descriptors_pauses_accepting_without_spinning_and_recovers() {
-    let mut server = spawn_server(&[]);
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut server = spawn_server(&["--admin-addr", &admin]);
+    let admin = admin_addr(&mut server);
     set_fd_limit(server.pid, FD_LIMIT, FD_LIMIT);
 
     // Fill every descriptor the server has; connections beyond wait in the listen queue.
@@ -79,4 +82,13 @@ fn out_of_descriptors_pauses_accepting_without_spinning_and_recovers() {
         .count();
     assert_eq!(episodes, 1, "one log line per episode, not one per retry");
     assert_eq!(exchange(&server, HEALTHCHECK).status, 200);
+    // Counted: every pause, not every episode.
+    let metrics = String::from_utf8(get(admin, "/metrics").body).unwrap();
+    let pauses: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("greenlight_accept_pauses_total "))
+        .expect("the accept pauses series")
+        .parse()
+        .unwrap();
+    assert!(pauses >= 1.0, "{pauses}");
 }

@@ -269,3 +269,27 @@ fn the_phase_shows_once_the_shutdown_begins() {
         "the lame duck is not the drain"
     );
 }
+
+#[test]
+fn a_connection_over_the_limit_is_counted_as_closed_over_the_limit() {
+    let (server, admin) = spawn_with_admin(&["--max-connections", "1"]);
+    let mut held = server.connect();
+    held.write_all(HEALTHCHECK).unwrap();
+    assert_eq!(read_response(&mut held).status, 200);
+    let mut over = server.connect();
+    let _ = over.write_all(HEALTHCHECK);
+    assert!(read_response_from(&mut over, false).is_err());
+    let samples = scrape(admin);
+    assert_eq!(
+        value(
+            &samples,
+            "greenlight_connections_closed_total{reason=\"over_limit\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&samples, "greenlight_connections_accepted_total"),
+        2.0
+    );
+    assert_eq!(value(&samples, "greenlight_max_connections"), 1.0);
+}

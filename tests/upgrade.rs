@@ -379,3 +379,40 @@ fn under_systemd_a_new_process_that_cannot_start_says_its_status() {
     std::fs::remove_dir_all(dir).ok();
     std::fs::remove_dir_all(path.parent().unwrap()).ok();
 }
+
+#[test]
+fn sigterm_while_the_new_process_starts_stops_it_too() {
+    let (dir, binary) = binary_copy("abandoned");
+    let mut old = spawn_server_from(&binary, &[]);
+    replace_with_script(&binary, "exec sleep 30");
+    old.signal(libc::SIGHUP);
+    let started = old
+        .wait_for_log("upgrading: started the new process", PROMPTLY)
+        .expect("started");
+    let child = started["pid"].as_i64().unwrap() as i32;
+    old.signal(libc::SIGTERM);
+    assert_eq!(old.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(0));
+    assert!(
+        gone_within(child, PROMPTLY),
+        "a new process that never served outlived the old one"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn sigterm_during_the_grace_stops_the_old_process_and_leaves_the_new_one_serving() {
+    let mut old = spawn_server(&[]);
+    old.signal(libc::SIGHUP);
+    let handover = old
+        .wait_for_log("shutting down server", PROMPTLY)
+        .expect("handed over");
+    let new = Stranger(handover["new_pid"].as_i64().unwrap() as i32);
+    old.signal(libc::SIGTERM);
+    assert_eq!(old.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(0));
+    assert!(new.is_alive());
+    assert_eq!(
+        exchange(&old, HEALTHCHECK).status,
+        200,
+        "the new one serves"
+    );
+}

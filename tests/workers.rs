@@ -689,3 +689,28 @@ fn forty_clients_hammering_four_workers_through_sigterm_lose_nothing() {
     assert_eq!(count(log, "shutting down server"), 1, "{log:?}");
     assert_eq!(count(log, "stopped server"), 1, "{log:?}");
 }
+
+#[test]
+fn sigquit_with_a_worker_stuck_gives_up_on_it_within_seconds_and_exits_2() {
+    let mut server = spawn_server(&["--workers", "2"]);
+    let tids = thread_ids(server.pid, "worker-1");
+    let stuck = StoppedThread::stop(tids[0]);
+    let signalled = Instant::now();
+    server.signal(libc::SIGQUIT);
+    // The supervisor stops waiting for the stuck worker after a second and names it.
+    let warning = server
+        .wait_for_log(
+            "workers did not answer in time, exiting without them",
+            PROMPTLY,
+        )
+        .expect("a WARNING naming them");
+    assert_eq!(warning["workers"], "[1]");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        signalled.elapsed()
+    );
+    // The traced thread can finish exiting only once this test lets go of it.
+    drop(stuck);
+    assert_eq!(server.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(2));
+}

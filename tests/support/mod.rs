@@ -443,10 +443,15 @@ impl StoppedThread {
 
 impl Drop for StoppedThread {
     fn drop(&mut self) {
-        // SAFETY: detaching resumes the thread we seized.
+        // SAFETY: detaching resumes the thread we seized. If its process is exiting meanwhile,
+        // the thread is dying, no longer stopped: detach fails, and the tracer (us) must reap
+        // it before the process can finish exiting.
         unsafe {
             let null = std::ptr::null_mut::<libc::c_void>();
-            libc::ptrace(libc::PTRACE_DETACH, self.0, null, null);
+            if libc::ptrace(libc::PTRACE_DETACH, self.0, null, null) != 0 {
+                let mut status = 0;
+                libc::waitpid(self.0, &mut status, libc::__WALL);
+            }
         }
     }
 }
