@@ -314,7 +314,11 @@ run_phase() {
   echo "   HAProxy logged $r_abnormal requests as abnormal$(awk '{ printf "%s %s with status %s, state %s, %s", NR == 1 ? ":" : ";", $1, $2, $3, $4 }' "$work/abnormal-$phase.summary")"
   if grep -qv ' 200 ---- retried' "$work/abnormal-$phase.summary"; then
     echo "   abnormal requests in HAProxy's log, other than 200s after a retry (first 8):"
-    grep -v ' 200 ---- ' "$work/abnormal-$phase.log" | head -8 | sed 's/^/     /'
+    # awk reads the whole log (no `head`: under pipefail its early exit is a SIGPIPE failure).
+    awk '{ for (f = 1; f <= NF; f++) if ($f ~ /^(api|greenlight)\//) {
+             split($(f + 7), c, "/")
+             if (!($(f + 2) == 200 && $(f + 6) == "----" && c[5] != "0") && ++shown <= 8) print "     " $0
+             break } }' "$work/abnormal-$phase.log"
   fi
   if [ "$r_eresp" != 0 ]; then
     echo "   (the $r_eresp eresp are not in HAProxy's log: a request sent on a reused keep-alive connection that"

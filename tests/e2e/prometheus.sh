@@ -259,7 +259,7 @@ lint "$work/baseline.prom" "after-load"
 echo "== exact phase: $N requests, keep-alive and new connections mixed"
 read -r ok non200 errors conns < <(python3 "$work/exact.py" "$api_port" "$N" 2>"$work/exact.err") || true
 echo "   client: ${ok:-?} answered 200, ${non200:-?} other statuses, ${errors:-?} errors, over ${conns:-?} connections"
-[ -s "$work/exact.err" ] && sed 's/^/     /' "$work/exact.err" | head -10
+[ -s "$work/exact.err" ] && sed -n '1,10s/^/     /p' "$work/exact.err"
 [ "${ok:-0}" = "$N" ] && [ "${non200:-x}" = 0 ] && [ "${errors:-x}" = 0 ] || fail "the exact client did not get $N 200s"
 expected=$((base_total + N))
 python3 "$work/scrape.py" "$admin_port" >"$work/final.prom" || fail "final scrape"
@@ -301,7 +301,7 @@ echo "   by code: $(query 'sum by (code) (greenlight_requests_total{job="greenli
 [ "$min_up" = 1 ] || fail "a scrape failed (up was $min_up)"
 [ "$peak_open" != none ] && [ "${peak_open%%.*}" -gt 0 ] || fail "Prometheus never scraped during the load (peak connections open $peak_open)"
 if grep -E 'level=(warn|error)' "$work/prometheus.log" >"$work/prometheus-warnings.log"; then
-  echo "   Prometheus logged warnings or errors:"; sed 's/^/     /' "$work/prometheus-warnings.log" | head -20
+  echo "   Prometheus logged warnings or errors:"; sed -n '1,20s/^/     /p' "$work/prometheus-warnings.log"
   fail "Prometheus logged warnings or errors"
 fi
 

@@ -529,7 +529,7 @@ if [ -z "$errors" ]; then
 else
   bad "A log has ERROR/CRITICAL lines:"; echo "$errors"
 fi
-[ -z "$warnings" ] || { echo "     WARNING lines:"; echo "$warnings" | head -5; }
+[ -z "$warnings" ] || { echo "     WARNING lines:"; sed -n 1,5p <<<"$warnings"; }
 
 # ================================================================ B. under systemd
 echo "== B. under a systemd user manager: $RELOADS x systemctl reload under load, then stop"
@@ -651,7 +651,7 @@ pid_seq=$(grep -oE 'MainPID=[0-9]+' "$b/states.txt" | uniq | cut -d= -f2 | tr '\
 if [ -z "$wrong" ] && [ -z "$zero" ] && [ "$samples" -gt 20 ]; then
   ok "B ActiveState polled $samples times during the reloads: ${states%, }; never anything else; MainPID never 0 ($pid_seq)"
 else
-  bad "B ActiveState/MainPID during the reloads: ${states%, }"; echo "$wrong$zero" | head -10
+  bad "B ActiveState/MainPID during the reloads: ${states%, }"; sed -n 1,10p <<<"$wrong$zero"
 fi
 nrestarts=$(prop "$unit" NRestarts)
 [ "$nrestarts" = 0 ] || bad "B: NRestarts=$nrestarts after the reloads"
