@@ -61,7 +61,7 @@ fn scrape_until(
 #[test]
 fn counters_move_by_exactly_n_for_n_requests_of_each_kind() {
     const N: usize = 7;
-    let (server, admin) = spawn_with_admin(&["--read-timeout", "200ms"]);
+    let (mut server, admin) = spawn_with_admin(&["--read-timeout", "200ms"]);
     let before = scrape(admin);
     assert_eq!(
         value(&before, "greenlight_requests_total{code=\"200\"}"),
@@ -87,27 +87,34 @@ fn counters_move_by_exactly_n_for_n_requests_of_each_kind() {
         stream.write_all(b"GET /v1/health").unwrap();
         assert_eq!(read_response(&mut stream).status, 408);
     }
+    // A connection that never sends a byte gets its 408 too, and counts as a request received.
+    for _ in 0..N {
+        let mut stream = server.connect();
+        assert_eq!(read_response(&mut stream).status, 408);
+    }
     let n = N as f64;
     let samples = scrape_until(admin, |s| {
-        s.get("greenlight_connections_closed_total{reason=\"read_timeout\"}") == Some(&n)
+        s.get("greenlight_connections_closed_total{reason=\"read_timeout\"}") == Some(&(2.0 * n))
     });
     for code in [200, 404, 405, 400, 408, 413] {
+        let sent = if code == 408 { 2.0 * n } else { n };
         assert_eq!(
             value(
                 &samples,
                 &format!("greenlight_requests_total{{code=\"{code}\"}}")
             ),
-            n,
+            sent,
             "{code}"
         );
     }
     for code in [400, 408, 413] {
+        let sent = if code == 408 { 2.0 * n } else { n };
         assert_eq!(
             value(
                 &samples,
                 &format!("greenlight_http_errors_total{{code=\"{code}\"}}")
             ),
-            n,
+            sent,
             "{code}"
         );
     }
@@ -115,7 +122,7 @@ fn counters_move_by_exactly_n_for_n_requests_of_each_kind() {
         value(&samples, "greenlight_http_errors_total{code=\"414\"}"),
         0.0
     );
-    let total = 6.0 * n;
+    let total = 7.0 * n;
     assert_eq!(
         value(&samples, "greenlight_request_duration_seconds_count"),
         total
@@ -134,10 +141,8 @@ fn counters_move_by_exactly_n_for_n_requests_of_each_kind() {
     );
     assert_eq!(value(&samples, "greenlight_requests_in_flight"), 0.0);
     assert_eq!(value(&samples, "greenlight_draining"), 0.0);
-    assert_eq!(
-        value(&samples, "greenlight_workers"),
-        value(&samples, "greenlight_workers")
-    );
+    let workers = server.wait_for_log("starting server", PROMPTLY).unwrap()["workers"].as_f64();
+    assert_eq!(Some(value(&samples, "greenlight_workers")), workers);
     assert!(
         samples
             .keys()

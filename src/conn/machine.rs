@@ -257,11 +257,14 @@ impl Machine {
                 first: false,
                 until,
             } if due(until) => Expiry::Idle,
-            Reading::Idle { first: true, until }
-            | Reading::Head { until }
-            | Reading::Body { until, .. }
-                if due(until) =>
-            {
+            Reading::Idle { first: true, until } if due(until) => {
+                // A new connection that never sent a byte still gets its 408: count it as a
+                // request received too, so received and answered move together (/debug/vars).
+                cx.metrics.request_received();
+                self.fail(HttpError::Timeout, out, cx);
+                Expiry::RequestTimeout
+            }
+            Reading::Head { until } | Reading::Body { until, .. } if due(until) => {
                 self.fail(HttpError::Timeout, out, cx);
                 Expiry::RequestTimeout
             }
