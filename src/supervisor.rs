@@ -334,6 +334,7 @@ impl Supervisor {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         loop {
             if let Phase::Stopped(exit) = self.phase {
+                self.kill_child_still_exiting();
                 return exit;
             }
             let now = Instant::now();
@@ -453,7 +454,10 @@ impl Supervisor {
                     warn!(self.log, "ignoring SIGHUP: the process is stopping or handing over";
                           "phase" => self.phase.name());
                 }
-                Transition::Reap => self.reap(),
+                Transition::Reap => {
+                    self.reap();
+                    self.check_finished();
+                }
                 Transition::Ignore => {}
             }
         }

@@ -120,7 +120,8 @@ pub fn spawn(
     if sockets_owned {
         env.push(cstr(&format!("{SOCKETS_OWNED_VAR}=1"))?);
     }
-    // Ten digits, filled in by the child with its own PID (which the parent cannot know).
+    // Room for ten digits and a NUL, filled in by the child with its own PID (which the parent
+    // cannot know).
     let mut pid_entry: Vec<u8> = b"LISTEN_PID=0000000000\0".to_vec();
     let pid_digits_at = "LISTEN_PID=".len();
 
@@ -222,11 +223,23 @@ unsafe fn child(
             }
         }
         libc::setrlimit(libc::RLIMIT_NOFILE, limit);
+        // The PID as people write it ("12187", never "0000012187": a shell compares
+        // `$LISTEN_PID` with `$$` as strings), ended early by a NUL in the ten-digit slot.
+        let mut digits = [0u8; 10];
+        let mut count = 0;
         let mut pid = libc::getpid() as u32;
-        for i in (0..10).rev() {
-            *pid_digits.add(i) = b'0' + (pid % 10) as u8;
+        while let Some(slot) = digits.get_mut(count) {
+            *slot = b'0' + (pid % 10) as u8;
+            count += 1;
             pid /= 10;
+            if pid == 0 {
+                break;
+            }
         }
+        for (i, &digit) in digits.iter().take(count).rev().enumerate() {
+            *pid_digits.add(i) = digit;
+        }
+        *pid_digits.add(count) = 0;
         libc::execve(path.as_ptr(), argv.as_ptr(), env.as_ptr());
         say(pipe, b"EXIT ", 127);
         libc::_exit(127)
@@ -380,6 +393,15 @@ pub fn reap(pid: libc::pid_t) -> Option<libc::c_int> {
     (got == pid).then_some(status)
 }
 
+/// Waits for `pid` to exit and reaps it. Only for a child just sent SIGKILL, after the loop.
+pub fn reap_blocking(pid: libc::pid_t) {
+    let mut status = 0;
+    // SAFETY: as above; EINTR is retried, any other error means there is nothing to wait for.
+    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+        && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+    {}
+}
+
 /// Reaps any other exited children (never blocks), so none is left a zombie.
 pub fn reap_any() {
     let mut status = 0;
@@ -454,7 +476,7 @@ mod tests {
         // writes READY on the descriptor named by GREENLIGHT_READY_FD.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let script = r#"
-            test "$LISTEN_PID" -eq "$$" || exit 3
+            test "$LISTEN_PID" = "$$" || exit 3
             test "$LISTEN_FDS" = 1 && test "$LISTEN_FDNAMES" = api || exit 4
             test -e /proc/self/fd/3 || exit 5
             printf 'READY\n' >&4

@@ -392,10 +392,74 @@ fn sigterm_while_the_new_process_starts_stops_it_too() {
     let child = started["pid"].as_i64().unwrap() as i32;
     old.signal(libc::SIGTERM);
     assert_eq!(old.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(0));
+    // Reaped before the old process exits: not left running, nor a zombie for init.
     assert!(
-        gone_within(child, PROMPTLY),
+        std::fs::metadata(format!("/proc/{child}")).is_err(),
         "a new process that never served outlived the old one"
     );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn a_new_greenlight_that_fails_at_start_up_is_logged_once_with_its_status() {
+    // The real binary, whose admin address is taken: it says EXIT 1 on the pipe, then exits 1.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (dir, binary) = binary_copy("fails-once");
+    let mut old = spawn_server_from(&binary, &[]);
+    let real = dir.join("greenlight.real");
+    std::fs::copy(env!("CARGO_BIN_EXE_greenlight"), &real).unwrap();
+    replace_with_script(
+        &binary,
+        &format!(
+            "exec {} \"$@\" --admin-addr {}",
+            real.display(),
+            taken.local_addr().unwrap()
+        ),
+    );
+    old.signal(libc::SIGHUP);
+    let failed = old
+        .wait_for_log("upgrade failed", PROMPTLY)
+        .expect("ERROR upgrade failed");
+    assert_eq!(failed["reason"], "exited with status 1", "{failed}");
+    assert_eq!(exchange(&old, HEALTHCHECK).status, 200, "serves on");
+    // The whole log, up to the exit (which waits for the failed process to be reaped).
+    old.signal(libc::SIGTERM);
+    assert_eq!(old.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(0));
+    let failures = old
+        .log(Duration::ZERO)
+        .iter()
+        .filter(|line| line["msg"] == "upgrade failed")
+        .count();
+    assert_eq!(failures, 1, "{:#?}", old.log(Duration::ZERO));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn a_new_process_that_closes_its_pipe_but_stays_is_killed_at_the_upgrade_timeout() {
+    let (dir, binary) = binary_copy("lingers");
+    let mut old = spawn_server_from(&binary, &["--upgrade-timeout", "500ms"]);
+    replace_with_script(
+        &binary,
+        "eval \"exec $GREENLIGHT_READY_FD>&-\"\nexec sleep 30",
+    );
+    old.signal(libc::SIGHUP);
+    let started = old
+        .wait_for_log("upgrading: started the new process", PROMPTLY)
+        .expect("started");
+    let child = started["pid"].as_i64().unwrap() as i32;
+    let failed = old
+        .wait_for_log("upgrade failed", PROMPTLY)
+        .expect("ERROR upgrade failed");
+    assert!(
+        failed["reason"].as_str().unwrap().ends_with("killed it"),
+        "{failed}"
+    );
+    assert!(gone_within(child, PROMPTLY), "still running");
+    // Settled: the next SIGHUP starts a new upgrade rather than being refused.
+    old.signal(libc::SIGHUP);
+    old.wait_for_nth_log("upgrading: started the new process", 2, PROMPTLY)
+        .expect("a later upgrade starts");
+    assert_eq!(exchange(&old, HEALTHCHECK).status, 200, "serves on");
     std::fs::remove_dir_all(dir).ok();
 }
 

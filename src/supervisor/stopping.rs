@@ -38,7 +38,7 @@ impl Supervisor {
             return;
         }
         let until = self.now + self.drain_delay;
-        info!(self.log, "shutting down server"; "signal" => signal.name(),
+        info!(self.log, "shutting down server"; "signal" => signal.name(), "reason" => "signal",
               "connections" => self.crew.open(), "timeout_ms" => self.shutdown_timeout.as_millis() as u64,
               "drain_delay" => human(self.drain_delay), "drain_delay_ms" => self.drain_delay.as_millis() as u64);
         self.phase = Phase::LameDuck { until };
@@ -109,6 +109,8 @@ impl Supervisor {
     pub(super) fn dump_and_quit(&mut self, signal: Signal) {
         warn!(self.log, "dumping connection table and quitting without draining";
               "signal" => signal.name(), "connections" => self.crew.open());
+        // A new process still starting goes too (killed on the way out if it lingers).
+        self.abandon_upgrade();
         self.crew.tell_all(|| Command::Dump);
         self.end_after_answers(Exit::Quit);
     }
@@ -151,6 +153,8 @@ impl Supervisor {
     /// Moves the phase on once the workers have all answered what was asked of them.
     pub(super) fn check_finished(&mut self) {
         match self.phase {
+            // An abandoned new process is still exiting: SIGCHLD brings us back.
+            Phase::Draining { .. } if self.crew.all_stopped() && self.child_still_exiting() => {}
             Phase::Draining { .. } if self.crew.all_stopped() => {
                 if self.crew.all_clean() {
                     info!(self.log, "stopped server"; "addr" => %self.addr);

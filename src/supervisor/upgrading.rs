@@ -42,7 +42,7 @@ enum Stage {
     Starting,
     /// Closed its pipe without saying ready: failed, to be reaped (its status is then logged).
     Gone,
-    /// Not ready in time, or abandoned: killed, to be reaped.
+    /// Failed and logged (not ready in time, abandoned, or said it exits): to be reaped quietly.
     Killed,
     /// Ready: it serves the sockets now; reaped only if it exits while this one still drains.
     Serving,
@@ -53,6 +53,12 @@ impl Supervisor {
     pub(super) fn start_upgrade(&mut self) {
         if let Some(upgrading) = &self.upgrade {
             warn!(self.log, "ignoring SIGHUP: an upgrade is already in progress"; "pid" => upgrading.pid);
+            return;
+        }
+        if std::process::id() == 1 {
+            // PID 1 of a container: when it exits, the kernel kills the whole PID namespace,
+            // the new process with it, and the service would be gone.
+            error!(self.log, "upgrade failed"; "reason" => "this process is PID 1 (a container without an init): the new process would die with it; run the container with an init (podman or docker run --init)");
             return;
         }
         let Some(exe) = self.exe.clone() else {
@@ -142,11 +148,17 @@ impl Supervisor {
             Heard::Ready if upgrading.new_pid.is_none() => {}
             Heard::Ready => self.hand_over(),
             Heard::Gone => {
-                upgrading.stage = Stage::Gone;
                 let said = upgrade::said_exit(&upgrading.heard);
-                let (pid, detached) = (
+                // Having said its status, it is logged from that: its reaping stays quiet.
+                upgrading.stage = if said.is_some() {
+                    Stage::Killed
+                } else {
+                    Stage::Gone
+                };
+                let (pid, detached, deadline) = (
                     upgrading.new_pid.unwrap_or(upgrading.pid),
                     upgrading.detached,
+                    upgrading.deadline,
                 );
                 self.forget_pipe();
                 match (said, detached) {
@@ -164,6 +176,11 @@ impl Supervisor {
                     }
                     // Ours: its status is logged once it is reaped (now, if it has exited).
                     (None, false) => self.reap(),
+                }
+                // Ours and still there: it has until the upgrade timeout to go.
+                if self.child_still_exiting() {
+                    self.timers
+                        .reschedule(Timer::UpgradeTimeout, None, Some(deadline));
                 }
             }
         }
@@ -202,8 +219,22 @@ impl Supervisor {
         self.crew.tell_all(|| Command::CloseEveryResponse);
     }
 
-    /// Not ready within `--upgrade-timeout`: kill it, serve on.
+    /// Not ready within `--upgrade-timeout`: kill it, serve on. One that closed its pipe
+    /// without being ready, or said it exits, and is still there at that time is killed too.
     pub(super) fn upgrade_timed_out(&mut self) {
+        if self.child_still_exiting()
+            && let Some(upgrading) = &mut self.upgrade
+        {
+            let stage = upgrading.stage;
+            upgrading.stage = Stage::Killed;
+            upgrade::kill(upgrading.pid, libc::SIGKILL);
+            if stage == Stage::Gone {
+                let pid = upgrading.pid;
+                self.upgrade_failed(pid, "closed its readiness pipe without being ready and had not exited by the upgrade timeout; killed it");
+            }
+            self.reap();
+            return;
+        }
         let Some(upgrading) = &mut self.upgrade else {
             return;
         };
@@ -214,7 +245,7 @@ impl Supervisor {
         upgrading.stage = Stage::Killed;
         upgrade::kill(pid, libc::SIGKILL);
         let reason = format!(
-            "not ready within {} ms; killed it",
+            "timed out: not ready within {} ms (--upgrade-timeout); killed it",
             self.upgrade_timeout.as_millis()
         );
         self.upgrade_failed(pid, &reason);
@@ -242,11 +273,40 @@ impl Supervisor {
             return;
         };
         if upgrading.stage == Stage::Starting {
+            // Its READY may have come in the same batch of events as the signal: a new process
+            // that is ready serves on, and this one drains as on any stop during the grace.
+            self.on_upgrade_pipe();
+        }
+        let Some(upgrading) = &mut self.upgrade else {
+            return;
+        };
+        if upgrading.stage == Stage::Starting {
             upgrading.stage = Stage::Killed;
             let pid = upgrading.new_pid.unwrap_or(upgrading.pid);
             warn!(self.log, "stopping during an upgrade: stopping the new process too"; "pid" => pid);
             upgrade::kill(pid, libc::SIGTERM);
             self.forget_pipe();
+        }
+    }
+
+    /// A new process of ours that failed or was stopped and has not exited yet: the drain
+    /// waits for it, so this process never leaves it running (or a zombie) behind.
+    pub(super) fn child_still_exiting(&self) -> bool {
+        self.upgrade
+            .as_ref()
+            .is_some_and(|u| !u.detached && matches!(u.stage, Stage::Gone | Stage::Killed))
+    }
+
+    /// Exiting with such a child still there (forced, SIGQUIT, or the deadline): kill it and
+    /// wait for it, which SIGKILL makes prompt. The loop is over; this is the last step.
+    pub(super) fn kill_child_still_exiting(&mut self) {
+        if !self.child_still_exiting() {
+            return;
+        }
+        if let Some(upgrading) = self.upgrade.take() {
+            upgrade::kill(upgrading.pid, libc::SIGKILL);
+            upgrade::reap_blocking(upgrading.pid);
+            debug!(self.log, "killed the new process on the way out"; "pid" => upgrading.pid);
         }
     }
 

@@ -142,6 +142,17 @@ EOF
           --events-backend none exec "$name" /usr/bin/wget -q -O - "http://127.0.0.1:$1" 2>/dev/null; }
         for _ in $(seq 50); do inside 9000/livez >/dev/null && break; sleep 0.1; done
         body=$(inside 4000/v1/healthcheck || true)
+        # PID 1 of the container (no --init): an upgrade in place would die with it, so SIGHUP
+        # is refused with a reason, and greenlight serves on.
+        pm kill --signal HUP "$name" >/dev/null 2>&1 || true
+        for _ in $(seq 50); do [[ $(pm logs "$name" 2>&1) == *'"upgrade failed"'* ]] && break; sleep 0.1; done
+        hup_logs=$(pm logs "$name" 2>&1 || true)
+        after_hup=$(inside 4000/v1/healthcheck || true)
+        if [[ $hup_logs == *'"upgrade failed"'*'PID 1'* ]] && [[ $after_hup == *'"available"'* ]]; then
+          ok "container: SIGHUP to greenlight as PID 1 is refused with ERROR upgrade failed; it serves on"
+        else
+          bad "container: SIGHUP as PID 1: '$after_hup'"; echo "$hup_logs"
+        fi
         health=$(pm healthcheck run "$name" 2>/dev/null && echo healthy || echo unhealthy)
         user=$(pm top "$name" user 2>/dev/null | tail -1 | tr -d ' ')
         pm stop -t 35 "$name" >/dev/null 2>&1 || true

@@ -111,7 +111,7 @@ fn spawn_binary(
     if let Some((soft, hard)) = nofile {
         limit_fds(&mut command, soft, hard);
     }
-    let mut child = command.spawn().expect("spawn greenlight");
+    let mut child = spawn_retrying_busy(&mut command);
     let pid = child.id() as i32;
     let stderr = child.stderr.take().expect("stderr");
     let (line_tx, log_lines) = channel();
@@ -149,6 +149,22 @@ fn spawn_binary(
     server
 }
 
+/// Spawns `command`, retrying while the executable is "busy" (ETXTBSY): a binary this test
+/// process just copied can be held open for writing, for a moment, by a child that another
+/// test thread forked before it execs (the copy's descriptor is inherited until exec).
+fn spawn_retrying_busy(command: &mut Command) -> std::process::Child {
+    let end = Instant::now() + PROMPTLY;
+    loop {
+        match command.spawn() {
+            Ok(child) => return child,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < end => {
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("spawn greenlight: {e}"),
+        }
+    }
+}
+
 impl Server {
     /// Opens a TCP connection to the server.
     pub fn connect(&self) -> TcpStream {
@@ -180,6 +196,22 @@ impl Server {
                 return Some(found.clone());
             }
             checked = self.seen.len();
+            let left = end.checked_duration_since(Instant::now())?;
+            match self.log_lines.recv_timeout(left) {
+                Ok(value) => self.seen.push(value),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Waits for the `n`th log line (from 1) whose `msg` is `msg` (lines seen before count too).
+    pub fn wait_for_nth_log(&mut self, msg: &str, n: usize, timeout: Duration) -> Option<Value> {
+        let end = Instant::now() + timeout;
+        loop {
+            let mut matching = self.seen.iter().filter(|v| v["msg"] == msg);
+            if let Some(found) = matching.nth(n.saturating_sub(1)) {
+                return Some(found.clone());
+            }
             let left = end.checked_duration_since(Instant::now())?;
             match self.log_lines.recv_timeout(left) {
                 Ok(value) => self.seen.push(value),
