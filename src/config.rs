@@ -112,7 +112,12 @@ pub struct Config {
     pub host: IpAddr,
 
     /// Port to listen on; 0 picks a free one (the `starting server` log line shows it).
-    #[arg(long, env = "GREENLIGHT_PORT", default_value_t = 4000)]
+    #[arg(
+        long,
+        env = "GREENLIGHT_PORT",
+        default_value_t = 4000,
+        allow_negative_numbers = true
+    )]
     pub port: u16,
 
     /// Environment reported by the healthcheck.
@@ -164,26 +169,26 @@ pub struct Config {
     pub log_level: LogLevel,
 
     /// Longest request line (method, target, version) in bytes, else 414.
-    #[arg(long, env = "GREENLIGHT_MAX_REQUEST_LINE", default_value_t = limits::MAX_REQUEST_LINE_BYTES, value_parser = parse_head_limit, value_name = "BYTES")]
+    #[arg(long, env = "GREENLIGHT_MAX_REQUEST_LINE", allow_negative_numbers = true, default_value_t = limits::MAX_REQUEST_LINE_BYTES, value_parser = parse_head_limit, value_name = "BYTES")]
     pub max_request_line: usize,
 
     /// Largest request header section in bytes, request line included, else 431.
-    #[arg(long, env = "GREENLIGHT_MAX_HEADER_BYTES", default_value_t = limits::MAX_HEAD_BYTES, value_parser = parse_head_limit, value_name = "BYTES")]
+    #[arg(long, env = "GREENLIGHT_MAX_HEADER_BYTES", allow_negative_numbers = true, default_value_t = limits::MAX_HEAD_BYTES, value_parser = parse_head_limit, value_name = "BYTES")]
     pub max_header_bytes: usize,
 
     /// Largest request body in bytes, else 413 (decided from Content-Length before the body is read).
-    #[arg(long, env = "GREENLIGHT_MAX_BODY_BYTES", default_value_t = limits::MAX_BODY_BYTES, value_name = "BYTES")]
+    #[arg(long, env = "GREENLIGHT_MAX_BODY_BYTES", allow_negative_numbers = true, default_value_t = limits::MAX_BODY_BYTES, value_name = "BYTES")]
     pub max_body_bytes: u64,
 
     /// Worker loops (threads), each serving its share of the connections; `auto` runs one per
     /// CPU this process may use.
-    #[arg(long, env = "GREENLIGHT_WORKERS", default_value = "auto", value_parser = parse_workers, value_name = "N|auto")]
+    #[arg(long, env = "GREENLIGHT_WORKERS", allow_negative_numbers = true, default_value = "auto", value_parser = parse_workers, value_name = "N|auto")]
     pub workers: Workers,
 
     /// Connections held at once by the whole process; a connection over it is closed at once.
     /// `auto`: as many as the descriptor limit allows (greenlight raises its soft limit to the
     /// hard one); a number above that is lowered to it, with a warning.
-    #[arg(long, env = "GREENLIGHT_MAX_CONNECTIONS", default_value = "auto", value_parser = parse_max_connections, value_name = "N|auto")]
+    #[arg(long, env = "GREENLIGHT_MAX_CONNECTIONS", allow_negative_numbers = true, default_value = "auto", value_parser = parse_max_connections, value_name = "N|auto")]
     pub max_connections: MaxConnections,
 }
 

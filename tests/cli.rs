@@ -59,6 +59,10 @@ fn bad_values_exit_non_zero_at_once_with_a_message() {
         (&["--log-format", "xml"], &[], "log-format"),
         (&["--host", "localhost:80"], &[], "host"),
         (&["--max-connections", "0"], &[], "max-connections"),
+        // A negative number is a bad value of its flag, not an unknown flag.
+        (&["--max-connections", "-5"], &[], "max-connections"),
+        (&["--port", "-1"], &[], "port"),
+        (&["--max-body-bytes", "-3"], &[], "max-body-bytes"),
         (&["--no-such-flag"], &[], "no-such-flag"),
         (&[], &[("GREENLIGHT_PORT", "eighty")], "port"),
         (&[], &[("GREENLIGHT_IDLE_TIMEOUT", "1y")], "idle-timeout"),

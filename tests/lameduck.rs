@@ -44,6 +44,7 @@ fn during_the_delay_requests_are_served_with_close_then_new_connections_are_refu
         "logged at once, not after the delay"
     );
     assert_eq!(line["drain_delay"], "1s", "{line}");
+    assert_eq!(line["reason"], "signal", "{line}");
     assert_eq!(get(admin, "/readyz").status, 503);
 
     // Still accepting: a new connection is served, and told to go.

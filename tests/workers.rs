@@ -237,6 +237,7 @@ fn a_bad_worker_count_exits_2_at_once_naming_the_flag() {
         &["--workers", "+4"],
         &["--workers", " 4"],
         &["--workers=-1"],
+        &["--workers", "-1"],
     ];
     for args in flags {
         let output = run_to_exit(args, &[]);
