@@ -252,6 +252,14 @@ impl Supervisor {
         }
     }
 
+    /// Accepts what the admin listener has queued.
+    fn accept_admin(&mut self) {
+        if let Some(admin) = &mut self.admin {
+            let resume = admin.accept_ready(self.poll.registry(), self.now);
+            self.pause_admin_accepting(resume);
+        }
+    }
+
     fn admin_timeout(&self, now: Instant) -> Option<Duration> {
         self.admin.as_ref().and_then(|admin| admin.timeout(now))
     }
@@ -326,9 +334,12 @@ impl Supervisor {
             self.timers
                 .reschedule(Timer::Watchdog, None, Some(Instant::now() + interval));
         }
-        // Readiness is edge-triggered: whatever arrived while the workers started is taken now.
+        // Readiness is edge-triggered, and the events polled while the workers started were
+        // not acted on: whatever arrived meanwhile, on either listener, is taken now.
         self.now = Instant::now();
         self.accept_ready();
+        self.update_probes();
+        self.accept_admin();
         self.on_signals();
 
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
@@ -354,15 +365,14 @@ impl Supervisor {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_ready(),
-                    SIGNALS => self.on_signals(),
+                    SIGNALS => {
+                        self.on_signals();
+                        // A probe later in this batch of events must see the new phase.
+                        self.update_probes();
+                    }
                     WAKER => self.on_reports(),
                     UPGRADE_READY => self.on_upgrade_pipe(),
-                    ADMIN_LISTENER => {
-                        if let Some(admin) = &mut self.admin {
-                            let resume = admin.accept_ready(self.poll.registry(), self.now);
-                            self.pause_admin_accepting(resume);
-                        }
-                    }
+                    ADMIN_LISTENER => self.accept_admin(),
                     _ => {
                         if let Some(admin) = &mut self.admin {
                             admin.on_event(self.poll.registry(), event);

@@ -140,9 +140,9 @@ fn socket_activation_serves_the_inherited_socket_and_ignores_host_and_port() {
             Ok(())
         });
     }
-    let mut child = command.spawn().unwrap();
+    let mut child = KilledOnDrop(command.spawn().unwrap());
     drop(listener);
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
     let mut log = Vec::new();
     let started = loop {
         let text = lines.next().expect("a log line").unwrap();
@@ -165,9 +165,9 @@ fn socket_activation_serves_the_inherited_socket_and_ignores_host_and_port() {
     stream.set_read_timeout(Some(PROMPTLY)).unwrap();
     stream.write_all(HEALTHCHECK).unwrap();
     assert_eq!(read_response(&mut stream).status, 200);
-    send_signal(child.id() as i32, libc::SIGTERM);
+    send_signal(child.0.id() as i32, libc::SIGTERM);
     drop(stream);
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(child.0.wait().unwrap().code(), Some(0));
 }
 
 #[test]
@@ -235,6 +235,16 @@ fn socket_activation_tells_the_api_and_admin_sockets_apart_by_name() {
     let api = TcpListener::bind("127.0.0.1:0").unwrap();
     let (admin_addr, api_addr) = (admin.local_addr().unwrap(), api.local_addr().unwrap());
     let (admin_fd, api_fd) = (admin.as_raw_fd(), api.as_raw_fd());
+    // A request on each socket before greenlight runs (as when a connection starts the
+    // service): queued in the sockets, both must be answered once it is up.
+    let early = |addr, raw: &[u8]| {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(PROMPTLY)).unwrap();
+        stream.write_all(raw).unwrap();
+        stream
+    };
+    let mut early_admin = early(admin_addr, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut early_api = early(api_addr, HEALTHCHECK);
     let mut command = Command::new("sh");
     command
         .arg("-c")
@@ -255,9 +265,9 @@ fn socket_activation_tells_the_api_and_admin_sockets_apart_by_name() {
             Ok(())
         });
     }
-    let mut child = command.spawn().unwrap();
+    let mut child = KilledOnDrop(command.spawn().unwrap());
     drop((admin, api));
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
     let started = loop {
         let text = lines.next().expect("a log line").unwrap();
         let line: serde_json::Value =
@@ -268,8 +278,29 @@ fn socket_activation_tells_the_api_and_admin_sockets_apart_by_name() {
     };
     assert_eq!(started["addr"], api_addr.to_string(), "{started}");
     assert_eq!(started["admin_addr"], admin_addr.to_string(), "{started}");
+    assert_eq!(
+        read_response(&mut early_admin).status,
+        200,
+        "queued admin request"
+    );
+    assert_eq!(
+        read_response(&mut early_api).status,
+        200,
+        "queued API request"
+    );
     assert_eq!(get(admin_addr, "/readyz").status, 200);
     assert_eq!(get(api_addr, "/v1/healthcheck").status, 200);
-    send_signal(child.id() as i32, libc::SIGTERM);
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    send_signal(child.0.id() as i32, libc::SIGTERM);
+    assert_eq!(child.0.wait().unwrap().code(), Some(0));
+}
+
+/// A greenlight started by hand: killed if the test fails before it exits, so no process
+/// outlives the test (holding its output pipe open).
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
