@@ -33,35 +33,13 @@ runtime="$work/runtime"; home="$work/home"; units="$runtime/systemd/user"
 log="$work/greenlight.log"; envfile="$work/greenlight.env"
 mkdir -p "$runtime" "$home"; chmod 0700 "$runtime"
 export XDG_RUNTIME_DIR="$runtime"
-cgroups=()
-for hierarchy in /sys/fs/cgroup/unified /sys/fs/cgroup/systemd; do
-  [ -d "$hierarchy" ] && cgroups+=("$hierarchy/$name")
-done
-[ ${#cgroups[@]} -eq 0 ] && [ -f /sys/fs/cgroup/cgroup.controllers ] && cgroups+=("/sys/fs/cgroup/$name")
-manager=""
+# shellcheck source=tests/e2e/lib/fence.bash
+source "$root/tests/e2e/lib/fence.bash"
+fence_cgroups "$name"
 passed=0; failed=0
 
 cleanup() {
-  set +e
-  if [ -n "$manager" ]; then
-    timeout 20 systemctl --user stop greenlight.service greenlight.socket >/dev/null 2>&1
-    kill -TERM "$manager" 2>/dev/null
-    timeout 10 tail --pid="$manager" -f /dev/null
-  fi
-  for cg in "${cgroups[@]}"; do
-    [ -d "$cg" ] || continue
-    if [ -f "$cg/cgroup.kill" ]; then echo 1 >"$cg/cgroup.kill"; fi
-    for procs in $(find "$cg" -name cgroup.procs); do
-      xargs -r kill -KILL <"$procs" 2>/dev/null
-    done
-    for _ in $(seq 50); do
-      find "$cg" -depth -type d -exec rmdir {} \; 2>/dev/null
-      [ -d "$cg" ] || break
-      sleep 0.1
-    done
-  done
-  umount /dev/console 2>/dev/null
-  umount -l /run/systemd 2>/dev/null
+  fence_leave greenlight.service greenlight.socket
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -80,15 +58,10 @@ until_true() {
 }
 in_flight() { [ "$(ss -Htn state established "( sport = :$port )" | wc -l)" -ge 1 ]; }
 
-mkdir -p /run/systemd
-mount -t tmpfs tmpfs /run/systemd
-mkdir -p /run/systemd/system
-mount --bind /dev/null /dev/console
-for cg in "${cgroups[@]}"; do mkdir -p "$cg"; done
+fence_enter
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 mkdir -p "$units"
-printf '[Unit]\nDescription=nothing: keeps the default user units from starting\n' >"$units/greenlight-e2e.target"
 cat >"$units/greenlight.socket" <<UNIT
 [Socket]
 ListenStream=127.0.0.1:$port
@@ -115,12 +88,7 @@ StandardError=append:$log
 UNIT
 echo "GREENLIGHT_HEALTHCHECK_DELAY=2s" >"$envfile"
 
-(
-  for cg in "${cgroups[@]}"; do echo "$BASHPID" >"$cg/cgroup.procs"; done
-  exec env -i HOME="$home" XDG_RUNTIME_DIR="$runtime" PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-    /lib/systemd/systemd --user --unit=greenlight-e2e.target --log-target=null
-) &
-manager=$!
+fence_start_manager "$home" "$runtime"
 until_true 20 "systemctl --user is-system-running >/dev/null 2>&1" || { echo "the user manager did not start"; exit 1; }
 
 # The shipped units verify (with ExecStart pointed at this build).

@@ -72,35 +72,14 @@ work="$GREENLIGHT_E2E_WORK"; name="$GREENLIGHT_E2E_NAME"; py="$GREENLIGHT_E2E_PY
 bin="$root/target/release/greenlight"
 passed=0; failed=0
 pids=()        # background processes this script started (killed by PID at cleanup)
-manager=""
-cgroups=()
-for hierarchy in /sys/fs/cgroup/unified /sys/fs/cgroup/systemd; do
-  [ -d "$hierarchy" ] && cgroups+=("$hierarchy/$name")
-done
-[ ${#cgroups[@]} -eq 0 ] && [ -f /sys/fs/cgroup/cgroup.controllers ] && cgroups+=("/sys/fs/cgroup/$name")
+# shellcheck source=tests/e2e/lib/fence.bash
+source "$root/tests/e2e/lib/fence.bash"
+fence_cgroups "$name"
 
 cleanup() {
   set +e
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-  if [ -n "$manager" ]; then
-    timeout 20 systemctl --user stop greenlight-upgrade.service >/dev/null 2>&1
-    kill -TERM "$manager" 2>/dev/null
-    timeout 10 tail --pid="$manager" -f /dev/null
-  fi
-  for cg in "${cgroups[@]}"; do
-    [ -d "$cg" ] || continue
-    if [ -f "$cg/cgroup.kill" ]; then echo 1 >"$cg/cgroup.kill"; fi
-    for procs in $(find "$cg" -name cgroup.procs); do
-      xargs -r kill -KILL <"$procs" 2>/dev/null
-    done
-    for _ in $(seq 50); do
-      find "$cg" -depth -type d -exec rmdir {} \; 2>/dev/null
-      [ -d "$cg" ] || break
-      sleep 0.1
-    done
-  done
-  umount /dev/console 2>/dev/null
-  umount -l /run/systemd 2>/dev/null
+  fence_leave greenlight-upgrade.service
   if [ -n "${GREENLIGHT_E2E_KEEP:-}" ]; then
     mkdir -p "$GREENLIGHT_E2E_KEEP"
     find "$work" \( -name '*.log' -o -name '*.txt' -o -name '*.json*' -o -name '*.service' \) -exec cp --parents {} "$GREENLIGHT_E2E_KEEP" \;
@@ -542,11 +521,7 @@ export XDG_RUNTIME_DIR="$runtime"
 sc() { timeout 40 systemctl --user "$@"; }
 prop() { sc show -p "$2" --value "$1"; }
 
-mkdir -p /run/systemd
-mount -t tmpfs tmpfs /run/systemd
-mkdir -p /run/systemd/system
-mount --bind /dev/null /dev/console
-for cg in "${cgroups[@]}"; do mkdir -p "$cg"; done
+fence_enter
 
 install_binary "$bbin" >/dev/null
 bport=$(free_port)
@@ -565,18 +540,12 @@ args=$(sed -n 's|^ExecStart=[^ ]*greenlight||p' "$shipped")
   echo "ExecStart=$bbin$args --host 127.0.0.1 --port $bport --workers 2"
   echo "StandardError=append:$blog"
 } >"$units/$unit"
-printf '[Unit]\nDescription=nothing: keeps the default user units from starting\n' >"$units/greenlight-e2e.target"
 for need in 'Type=notify' 'NotifyAccess=all' 'ExecReload=/bin/kill -HUP $MAINPID'; do
   grep -qxF "$need" "$units/$unit" || bad "B: the shipped unit has no '$need'"
 done
 echo "     unit: $(grep -v '^\[' "$units/$unit" | grep -v Description | tr '\n' ' ')"
 
-(
-  for cg in "${cgroups[@]}"; do echo "$BASHPID" >"$cg/cgroup.procs"; done
-  exec env -i HOME="$home" XDG_RUNTIME_DIR="$runtime" PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-    /lib/systemd/systemd --user --unit=greenlight-e2e.target --log-target=null
-) &
-manager=$!
+fence_start_manager "$home" "$runtime"
 until_true 20 "systemctl --user is-system-running >/dev/null 2>&1" || { bad "B: the user manager did not start"; exit 1; }
 
 sc start "$unit"
