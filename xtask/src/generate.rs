@@ -1,6 +1,6 @@
 //! Everything derived from greenlight's clap definition (`greenlight::Config`): the man page,
-//! the shell completions and `/etc/default/greenlight`, and the packaged service unit derived
-//! from `docs/systemd/greenlight.service`.
+//! the shell completions and `/etc/default/greenlight`; and the packaged service unit
+//! (`pkg/greenlight.service`), derived from `docs/systemd/greenlight.service`.
 //!
 //! `cargo xtask gen` writes [`files`] into the tree; `tests/generated.rs` (which includes this
 //! file with `#[path]`) computes them again and compares them byte for byte with what is
@@ -15,6 +15,12 @@ const BIN: &str = "greenlight";
 
 /// Where `/etc/default/greenlight` comes from in the tree.
 pub const DEFAULT_FILE: &str = "contrib/default/greenlight";
+
+/// Where the packaged `greenlight.service` is kept, so that a plain `cargo deb` finds it.
+pub const PACKAGED_SERVICE: &str = "pkg/greenlight.service";
+
+/// The unit of `docs/systemd/`, which the packaged one is made from.
+const DOCS_SERVICE: &str = include_str!("../../docs/systemd/greenlight.service");
 
 /// Every generated file: its path from the repository root, and its contents.
 pub fn files(command: &Command) -> Vec<(&'static str, Vec<u8>)> {
@@ -33,7 +39,17 @@ pub fn files(command: &Command) -> Vec<(&'static str, Vec<u8>)> {
             completion(command, Shell::Fish),
         ),
         (DEFAULT_FILE, default_file(command).into_bytes()),
+        (PACKAGED_SERVICE, packaged_service_file()),
     ]
+}
+
+/// The packaged unit, from the docs unit this build was compiled with.
+fn packaged_service_file() -> Vec<u8> {
+    match packaged_service(DOCS_SERVICE) {
+        Ok(unit) => unit.into_bytes(),
+        // The docs unit is checked by the same function in tests/generated.rs.
+        Err(e) => unreachable!("{e}"),
+    }
 }
 
 /// `greenlight.1`: clap_mangen's page (every flag with its default and its `GREENLIGHT_*`

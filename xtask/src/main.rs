@@ -1,10 +1,11 @@
 //! Build tasks for greenlight, run as `cargo xtask <task>` (an alias in `.cargo/config.toml`).
 //!
 //! - `cargo xtask gen`: writes the man page, the shell completions and `/etc/default/greenlight`
-//!   from the clap definition (`greenlight::Config`). Never edit those files by hand.
-//! - `cargo xtask deb [ARGS]`: checks that those files are up to date, writes the packaged
-//!   `greenlight.service` (the one in `docs/systemd/`, with `ExecStart=` at `/usr/bin`) into
-//!   `target/pkg/`, then runs `cargo deb --locked ARGS` (`target/debian/greenlight_*.deb`).
+//!   from the clap definition (`greenlight::Config`), and the packaged `pkg/greenlight.service`
+//!   (the one in `docs/systemd/`, with `ExecStart=` at `/usr/bin`). Never edit those by hand.
+//! - `cargo xtask deb [ARGS]`: checks that those files are up to date and that cargo-deb is a
+//!   version that keeps units in `/lib/systemd/system`, then runs `cargo deb --locked ARGS`
+//!   (`target/debian/greenlight_*.deb`); plain `cargo deb` builds the same package unchecked.
 
 mod generate;
 
@@ -15,9 +16,6 @@ use std::process::{Command, ExitCode};
 use clap::CommandFactory;
 
 const USAGE: &str = "usage: cargo xtask gen | cargo xtask deb [CARGO-DEB ARGS]";
-
-/// Where `cargo deb` finds what this task prepares (`[package.metadata.deb]` names it).
-const PKG_DIR: &str = "target/pkg";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -72,19 +70,6 @@ fn deb(cargo_deb_args: &[String]) -> Result<(), String> {
         ));
     }
 
-    let docs_unit = "docs/systemd/greenlight.service";
-    let unit = fs::read_to_string(root.join(docs_unit)).map_err(|e| format!("{docs_unit}: {e}"))?;
-    let packaged = generate::packaged_service(&unit)?;
-    let pkg = root.join(PKG_DIR);
-    // cargo-deb's systemd support wants a maintainer-scripts directory; greenlight has no
-    // scripts of its own, so it stays empty and cargo-deb writes them from debhelper's snippets.
-    let scripts = pkg.join("maintainer-scripts");
-    fs::create_dir_all(&scripts).map_err(|e| format!("{}: {e}", scripts.display()))?;
-    fs::write(pkg.join("greenlight.service"), packaged)
-        .map_err(|e| format!("{PKG_DIR}/greenlight.service: {e}"))?;
-    println!(
-        "wrote {PKG_DIR}/greenlight.service (from {docs_unit}, ExecStart=/usr/bin/greenlight)"
-    );
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     check_cargo_deb(&cargo)?;
