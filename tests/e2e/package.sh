@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Packaging end to end: the Debian package (cargo xtask deb = the packaged unit + cargo deb),
+# Packaging end to end: the Debian package (cargo deb, and cargo xtask deb for a second revision),
 # installed on this machine with apt-get, checked, upgraded and purged; the static musl binary;
 # and, where a container tool can build here, the Containerfile's image.
 # Needs: root (installs and purges the package on this machine), Debian 12, network to
@@ -278,11 +278,12 @@ serve_and_drain() {
 # ---------------------------------------------------------------- 1. build the .deb
 phase "building the package"
 rm -f target/debian/greenlight_*.deb
-if cargo xtask deb --quiet >"$work/deb.log" 2>&1; then
+# Plain `cargo deb`, as the README says (the revision-2 build below goes through `cargo xtask deb`).
+if cargo deb --locked --quiet >"$work/deb.log" 2>&1; then
   deb=$(ls target/debian/greenlight_*.deb)
-  ok "cargo xtask deb: $deb"
+  ok "cargo deb: $deb"
 else
-  bad "cargo xtask deb"; cat "$work/deb.log"
+  bad "cargo deb"; cat "$work/deb.log"
   echo "package: $passed passed, $failed failed"; exit 1
 fi
 
@@ -310,16 +311,17 @@ fi
 
 # ---------------------------------------------------------------- 3. the maintainer scripts
 # debhelper's snippets (as cargo-deb writes them): units enabled and started on install,
-# stopped only on remove; nothing restarted on upgrade (systemctl reload does the upgrade).
+# stopped only on remove; on upgrade nothing but `systemctl reload` (pkg/maintainer-scripts).
 rm -rf "$work/control" && dpkg-deb -e "$deb" "$work/control"
 scripts="$work/control"
 if grep -q 'deb-systemd-helper enable greenlight.service' "$scripts/postinst" \
    && grep -q 'deb-systemd-invoke start greenlight-admin.socket greenlight.service greenlight.socket' "$scripts/postinst" \
+   && grep -q 'deb-systemd-invoke reload greenlight.service' "$scripts/postinst" \
    && ! grep -q 'restart' "$scripts/postinst" \
    && grep -q '\[ "$1" = remove \]' "$scripts/prerm" && grep -q 'deb-systemd-invoke stop' "$scripts/prerm" \
    && grep -q 'deb-systemd-helper purge' "$scripts/postrm" \
    && grep -qx '/etc/default/greenlight' "$scripts/conffiles"; then
-  ok "maintainer scripts: enable+start on install, stop on remove only, no restart on upgrade; /etc/default/greenlight a conffile"
+  ok "maintainer scripts: enable+start on install, stop on remove only, reload (never a restart) on upgrade; /etc/default/greenlight a conffile"
 else
   bad "maintainer scripts"; head -100 "$scripts"/postinst "$scripts"/prerm "$scripts"/postrm
 fi
@@ -439,9 +441,10 @@ flags=$(greenlight --help | grep -c '^ *--[a-z-]* <' || true)
 serve_and_drain "installed /usr/bin/greenlight" /usr/bin/greenlight
 
 # ---------------------------------------------------------------- 5. upgrade
-# To 0.1.0-2, as on a machine running systemd (stubbed): the scripts ask for daemon-reload and
-# start (a no-op for running units), never stop, restart or reload; every systemctl call
-# fails, and the upgrade must not. An edited /etc/default/greenlight is kept (conffile).
+# To 0.1.0-2, as on a machine running systemd (stubbed): the scripts ask for daemon-reload,
+# start (a no-op for running units) and `reload greenlight.service` (the upgrade in place),
+# never stop or restart; every systemctl call fails, and the upgrade must not. An edited
+# /etc/default/greenlight is kept (conffile).
 phase "upgrading"
 sed -i 's/^#GREENLIGHT_DRAIN_DELAY=.*/GREENLIGHT_DRAIN_DELAY=5s/' /etc/default/greenlight
 rm -rf "$work/rev2" && mkdir -p "$work/rev2"
@@ -453,7 +456,8 @@ if cargo xtask deb --quiet --no-build --deb-revision 2 --output "$work/rev2/" >"
   calls=$(manager_calls)
   if [ "$installed" = 0.1.0-2 ] && grep -qx 'GREENLIGHT_DRAIN_DELAY=5s' /etc/default/greenlight \
      && grep -q 'start greenlight-admin.socket greenlight.service greenlight.socket' "$work/systemctl.log" \
-     && ! grep -qE ' (stop|restart|try-restart|reload|reload-or-restart) ' "$work/systemctl.log"; then
+     && grep -qx 'systemctl reload greenlight.service' "$work/systemctl.log" \
+     && ! grep -qE ' (stop|restart|try-restart|reload-or-restart|try-reload-or-restart) ' "$work/systemctl.log"; then
     ok "upgrade to $installed: systemctl asked only for: $calls (all failing: the upgrade succeeds); edited conffile kept"
   else
     bad "upgrade: version $installed, conffile '$(grep DRAIN_DELAY /etc/default/greenlight)', systemctl: $calls"
