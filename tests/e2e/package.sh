@@ -410,7 +410,7 @@ else
 fi
 exec_start=$(grep '^ExecStart=' /lib/systemd/system/greenlight.service)
 env_file=$(grep '^EnvironmentFile=' /lib/systemd/system/greenlight.service || true)
-if [[ $exec_start == 'ExecStart=/usr/bin/greenlight '* ]] && [ "$env_file" = 'EnvironmentFile=-/etc/default/greenlight' ] \
+if [ "$exec_start" = 'ExecStart=/usr/bin/greenlight' ] && [ "$env_file" = 'EnvironmentFile=-/etc/default/greenlight' ] \
    && diff <(grep -v '^ExecStart=' docs/systemd/greenlight.service) <(grep -v '^ExecStart=' /lib/systemd/system/greenlight.service) >/dev/null \
    && cmp -s docs/systemd/greenlight.socket /lib/systemd/system/greenlight.socket \
    && cmp -s docs/systemd/greenlight-admin.socket /lib/systemd/system/greenlight-admin.socket; then

@@ -533,7 +533,7 @@ shipped=docs/systemd/greenlight.service
 args=$(sed -n 's|^ExecStart=[^ ]*greenlight||p' "$shipped")
 {
   printf '[Unit]\nDescription=greenlight upgrade e2e\n[Service]\n'
-  for key in Type NotifyAccess ExecReload KillSignal KillMode TimeoutStopSec WatchdogSec Restart RestartSec LimitNOFILE; do
+  for key in Type NotifyAccess ExecReload KillSignal KillMode TimeoutStopSec WatchdogSec Restart RestartSec LimitNOFILE Environment; do
     grep -E "^$key=" "$shipped" || true
   done
   echo "EnvironmentFile=$envfile"

@@ -65,7 +65,8 @@ fn man_page(command: &Command) -> Vec<u8> {
     files.text([bold("/etc/default/greenlight")]);
     files.text([roman(
         "GREENLIGHT_* variables for greenlight.service (EnvironmentFile=), one per flag, \
-         commented out; a flag on the unit's ExecStart= line wins over its variable.",
+         commented out; a line there wins over the unit's own Environment= \
+         (GREENLIGHT_ENV=production, GREENLIGHT_LOG_FORMAT=json).",
     )]);
     page.extend_from_slice(files.render().as_bytes());
     page
@@ -84,9 +85,10 @@ fn default_file(command: &Command) -> String {
     let mut out = String::from(
         "# /etc/default/greenlight: the environment of greenlight.service (EnvironmentFile=).\n\
          # One GREENLIGHT_<FLAG> variable per command-line flag; uncomment a line to set it (the\n\
-         # value shown is the default). A flag on the unit's ExecStart= line wins over its\n\
-         # variable (`systemctl cat greenlight.service` shows them). Under the socket units the\n\
-         # listening addresses are their ListenStream= lines, and --host and --port are ignored.\n\
+         # value shown is greenlight's default). The unit itself sets GREENLIGHT_ENV=production\n\
+         # and GREENLIGHT_LOG_FORMAT=json (Environment=); a line here wins over those. Under the\n\
+         # socket units the listening addresses are their ListenStream= lines, and --host and\n\
+         # --port are ignored.\n\
          # Takes effect at the next start: `systemctl restart greenlight.service` (the sockets\n\
          # stay open, so no request is lost); `systemctl reload` keeps the old environment.\n\
          #\n\
@@ -153,9 +155,15 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
 
 /// The unit in `docs/systemd/` runs `/usr/local/bin/greenlight` (where a manual install puts
 /// it); the package's runs `/usr/bin/greenlight`. Nothing else differs.
-pub const DOCS_EXEC_START: &str = "ExecStart=/usr/local/bin/greenlight ";
+pub const DOCS_EXEC_START: &str = "ExecStart=/usr/local/bin/greenlight";
 /// What [`DOCS_EXEC_START`] becomes in the package.
-pub const PACKAGED_EXEC_START: &str = "ExecStart=/usr/bin/greenlight ";
+pub const PACKAGED_EXEC_START: &str = "ExecStart=/usr/bin/greenlight";
+
+/// The rest of `line` (its arguments and line end) if it is the docs unit's `ExecStart=`.
+fn exec_start_rest(line: &str) -> Option<&str> {
+    line.strip_prefix(DOCS_EXEC_START)
+        .filter(|rest| rest.trim_end().is_empty() || rest.starts_with(' '))
+}
 
 /// The packaged `greenlight.service`: `docs/systemd/greenlight.service` with its one
 /// `ExecStart=` line pointed at `/usr/bin/greenlight`. An error if that line is not there
@@ -163,17 +171,17 @@ pub const PACKAGED_EXEC_START: &str = "ExecStart=/usr/bin/greenlight ";
 pub fn packaged_service(docs_unit: &str) -> Result<String, String> {
     let starts = docs_unit
         .lines()
-        .filter(|line| line.starts_with(DOCS_EXEC_START))
+        .filter(|line| exec_start_rest(line).is_some())
         .count();
     if starts != 1 {
         return Err(format!(
-            "docs/systemd/greenlight.service: expected exactly one line starting with \
-             {DOCS_EXEC_START:?}, found {starts}"
+            "docs/systemd/greenlight.service: expected exactly one {DOCS_EXEC_START:?} line, \
+             found {starts}"
         ));
     }
     let packaged: String = docs_unit
         .split_inclusive('\n')
-        .map(|line| match line.strip_prefix(DOCS_EXEC_START) {
+        .map(|line| match exec_start_rest(line) {
             Some(rest) => format!("{PACKAGED_EXEC_START}{rest}"),
             None => line.to_owned(),
         })
