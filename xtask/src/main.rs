@@ -70,7 +70,6 @@ fn deb(cargo_deb_args: &[String]) -> Result<(), String> {
         ));
     }
 
-
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     check_cargo_deb(&cargo)?;
     let status = Command::new(cargo)
