@@ -152,10 +152,25 @@ pub fn spawn(
         rlim_max: current.rlim_max,
     };
 
+    // Every signal is blocked across the fork: a signal sent to the child before it has reset
+    // its handlers (the same SIGTERM that abandons it, say) would otherwise run this
+    // process's handler in the child, which writes to this process's signal pipe and leaves
+    // the child running. Blocked, it waits until the child has restored the defaults.
+    let mut blocked_before = empty_sigset();
+    let mut all = empty_sigset();
+    // SAFETY: sigfillset and pthread_sigmask read and write the valid sets they are given.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut blocked_before);
+    }
     // SAFETY: fork duplicates the calling thread only; the child below calls nothing but
-    // async-signal-safe functions (fcntl, dup2, setrlimit, getpid, execve, _exit) on memory
-    // prepared above, then replaces itself or exits.
+    // async-signal-safe functions (sigaction, sigprocmask, fcntl, dup2, setrlimit, getpid,
+    // execve, _exit) on memory prepared above, then replaces itself or exits.
     let pid = unsafe { libc::fork() };
+    if pid != 0 {
+        // SAFETY: as above; the parent's mask as it was.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &blocked_before, std::ptr::null_mut()) };
+    }
     if pid < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -195,6 +210,17 @@ unsafe fn child(
     detach: bool,
 ) -> ! {
     unsafe {
+        // Default dispositions (this process's handlers and its ignored SIGPIPE are not the new
+        // program's), then nothing blocked: a signal that came since the fork is acted on now.
+        let mut default: libc::sigaction = std::mem::zeroed();
+        default.sa_sigaction = libc::SIG_DFL;
+        for signal in 1..32 {
+            // The standard signals; SIGKILL and SIGSTOP cannot be changed (sigaction fails for
+            // them, harmlessly).
+            libc::sigaction(signal, &default, std::ptr::null_mut());
+        }
+        let none = empty_sigset();
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         // First out of the way (above every target), close-on-exec, so no dup2 below clobbers
         // a source not yet moved; then into place (dup2 clears close-on-exec on the copy).
         let above = 3 + sources.len() as RawFd + 1;
@@ -385,6 +411,16 @@ pub fn describe_exit(status: libc::c_int) -> String {
     }
 }
 
+/// A signal set with nothing in it.
+fn empty_sigset() -> libc::sigset_t {
+    // SAFETY: an all-zero sigset_t is a valid value, and sigemptyset makes it the empty set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        set
+    }
+}
+
 /// Reaps `pid` if it has exited (never blocks); its wait status.
 pub fn reap(pid: libc::pid_t) -> Option<libc::c_int> {
     let mut status = 0;
@@ -493,6 +529,29 @@ mod tests {
         // SAFETY: waiting for our own child.
         unsafe { libc::waitpid(started.pid, &mut status, 0) };
         assert_eq!(describe_exit(status), "exited with status 0");
+    }
+
+    #[test]
+    fn a_child_starts_with_default_signal_dispositions_and_nothing_blocked() {
+        // This process ignores SIGPIPE (Rust's runtime does) and forks with every signal
+        // blocked: the new program must inherit neither. (Bit N - 1 of /proc's masks is signal
+        // N: SIGTERM 15, SIGPIPE 13. Only those two are looked at: the shell blocks SIGCHLD
+        // around its own children now and then.)
+        let script = r#"
+            blocked=$(sed -n 's/^SigBlk:\t*//p' /proc/$$/status)
+            [ $((0x$blocked & 0x4000)) = 0 ] || exit 3
+            ignored=$(sed -n 's/^SigIgn:\t*//p' /proc/$$/status)
+            [ $((0x$ignored & 0x1000)) = 0 ] || exit 4
+            printf 'READY\n' >&3
+        "#;
+        let args = [OsString::from("-c"), OsString::from(script)];
+        let started = spawn(Path::new("/bin/sh"), &args, &[], true, 1024, false).unwrap();
+        let (outcome, _) = hear_out(&started);
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(started.pid, &mut status, 0) };
+        assert_eq!(describe_exit(status), "exited with status 0");
+        assert_eq!(outcome, Heard::Ready);
     }
 
     #[test]
