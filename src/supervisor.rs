@@ -365,11 +365,7 @@ impl Supervisor {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_ready(),
-                    SIGNALS => {
-                        self.on_signals();
-                        // A probe later in this batch of events must see the new phase.
-                        self.update_probes();
-                    }
+                    SIGNALS => self.on_signals(),
                     WAKER => self.on_reports(),
                     UPGRADE_READY => self.on_upgrade_pipe(),
                     ADMIN_LISTENER => self.accept_admin(),
