@@ -429,13 +429,15 @@ pub fn reap(pid: libc::pid_t) -> Option<libc::c_int> {
     (got == pid).then_some(status)
 }
 
-/// Waits for `pid` to exit and reaps it. Only for a child just sent SIGKILL, after the loop.
-pub fn reap_blocking(pid: libc::pid_t) {
+/// Waits for `pid` to exit and reaps it; its wait status (0 if there was none to wait for).
+/// Only for a child just sent SIGKILL, after the loop (and in tests).
+pub fn reap_blocking(pid: libc::pid_t) -> libc::c_int {
     let mut status = 0;
     // SAFETY: as above; EINTR is retried, any other error means there is nothing to wait for.
     while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
         && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
     {}
+    status
 }
 
 /// Reaps any other exited children (never blocks), so none is left a zombie.
@@ -525,10 +527,10 @@ mod tests {
         let started = spawn(Path::new("/bin/sh"), &args, &handed, true, 1024, false).unwrap();
         let (outcome, _) = hear_out(&started);
         assert_eq!(outcome, Heard::Ready);
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(started.pid, &mut status, 0) };
-        assert_eq!(describe_exit(status), "exited with status 0");
+        assert_eq!(
+            describe_exit(reap_blocking(started.pid)),
+            "exited with status 0"
+        );
     }
 
     #[test]
@@ -547,10 +549,10 @@ mod tests {
         let args = [OsString::from("-c"), OsString::from(script)];
         let started = spawn(Path::new("/bin/sh"), &args, &[], true, 1024, false).unwrap();
         let (outcome, _) = hear_out(&started);
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(started.pid, &mut status, 0) };
-        assert_eq!(describe_exit(status), "exited with status 0");
+        assert_eq!(
+            describe_exit(reap_blocking(started.pid)),
+            "exited with status 0"
+        );
         assert_eq!(outcome, Heard::Ready);
     }
 
@@ -565,10 +567,10 @@ mod tests {
             false,
         )
         .unwrap();
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(started.pid, &mut status, 0) };
-        assert_eq!(describe_exit(status), "exited with status 127");
+        assert_eq!(
+            describe_exit(reap_blocking(started.pid)),
+            "exited with status 127"
+        );
         let mut heard = Vec::new();
         assert_eq!(listen(&started.ready, &mut heard), Heard::Gone);
         assert_eq!(said_exit(&heard), Some(127));
@@ -585,17 +587,18 @@ mod tests {
             true,
         )
         .unwrap();
-        let mut status = 0;
-        // SAFETY: waiting for our own child: the intermediate, which exits at once.
-        unsafe { libc::waitpid(started.pid, &mut status, 0) };
-        assert_eq!(describe_exit(status), "exited with status 0");
+        assert_eq!(
+            describe_exit(reap_blocking(started.pid)),
+            "exited with status 0"
+        );
         let (outcome, heard) = hear_out(&started);
         assert_eq!(outcome, Heard::Gone);
         let grandchild = said_pid(&heard).expect("PID line");
         assert_ne!(grandchild, started.pid);
         assert_eq!(said_exit(&heard), Some(127));
         // Not our child: waitpid refuses it.
-        // SAFETY: as above.
+        let mut status = 0;
+        // SAFETY: waitpid writes into the valid integer it is given.
         assert_eq!(
             unsafe { libc::waitpid(grandchild, &mut status, libc::WNOHANG) },
             -1

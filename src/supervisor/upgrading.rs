@@ -42,8 +42,9 @@ enum Stage {
     Starting,
     /// Closed its pipe without saying ready: failed, to be reaped (its status is then logged).
     Gone,
-    /// Failed and logged (not ready in time, abandoned, or said it exits): to be reaped quietly.
-    Killed,
+    /// Done with, its end already logged: killed (not ready in time, or abandoned at a stop)
+    /// or gone with an exit status it said itself. Reaped quietly.
+    Dismissed,
     /// Ready: it serves the sockets now; reaped only if it exits while this one still drains.
     Serving,
 }
@@ -151,7 +152,7 @@ impl Supervisor {
                 let said = upgrade::said_exit(&upgrading.heard);
                 // Having said its status, it is logged from that: its reaping stays quiet.
                 upgrading.stage = if said.is_some() {
-                    Stage::Killed
+                    Stage::Dismissed
                 } else {
                     Stage::Gone
                 };
@@ -226,7 +227,7 @@ impl Supervisor {
             && let Some(upgrading) = &mut self.upgrade
         {
             let stage = upgrading.stage;
-            upgrading.stage = Stage::Killed;
+            upgrading.stage = Stage::Dismissed;
             upgrade::kill(upgrading.pid, libc::SIGKILL);
             if stage == Stage::Gone {
                 let pid = upgrading.pid;
@@ -242,7 +243,7 @@ impl Supervisor {
             return;
         }
         let pid = upgrading.new_pid.unwrap_or(upgrading.pid);
-        upgrading.stage = Stage::Killed;
+        upgrading.stage = Stage::Dismissed;
         upgrade::kill(pid, libc::SIGKILL);
         let reason = format!(
             "timed out: not ready within {} ms (--upgrade-timeout); killed it",
@@ -281,7 +282,7 @@ impl Supervisor {
             return;
         };
         if upgrading.stage == Stage::Starting {
-            upgrading.stage = Stage::Killed;
+            upgrading.stage = Stage::Dismissed;
             let pid = upgrading.new_pid.unwrap_or(upgrading.pid);
             warn!(self.log, "stopping during an upgrade: stopping the new process too"; "pid" => pid);
             upgrade::kill(pid, libc::SIGTERM);
@@ -294,7 +295,7 @@ impl Supervisor {
     pub(super) fn child_still_exiting(&self) -> bool {
         self.upgrade
             .as_ref()
-            .is_some_and(|u| !u.detached && matches!(u.stage, Stage::Gone | Stage::Killed))
+            .is_some_and(|u| !u.detached && matches!(u.stage, Stage::Gone | Stage::Dismissed))
     }
 
     /// Exiting with such a child still there (forced, SIGQUIT, or the deadline): kill it and
@@ -305,7 +306,7 @@ impl Supervisor {
         }
         if let Some(upgrading) = self.upgrade.take() {
             upgrade::kill(upgrading.pid, libc::SIGKILL);
-            upgrade::reap_blocking(upgrading.pid);
+            let _ = upgrade::reap_blocking(upgrading.pid);
             debug!(self.log, "killed the new process on the way out"; "pid" => upgrading.pid);
         }
     }
@@ -334,7 +335,7 @@ impl Supervisor {
         }
         match stage {
             Stage::Starting | Stage::Gone => self.upgrade_failed(pid, &how),
-            Stage::Killed => {
+            Stage::Dismissed => {
                 debug!(self.log, "reaped the new process"; "pid" => pid, "status" => how)
             }
             Stage::Serving => {
@@ -362,5 +363,54 @@ impl Supervisor {
             self.timers
                 .reschedule(Timer::UpgradeTimeout, Some(upgrading.deadline), None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::time::Duration;
+
+    use clap::Parser;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::shutdown::Signal;
+
+    #[test]
+    fn sigterm_in_the_same_batch_as_ready_keeps_the_new_process() {
+        // READY is waiting on the pipe, unread, when SIGTERM is handled (both came in one batch
+        // of events, the signal first): the new process already serves, so it must be handed
+        // over to, not stopped.
+        let args = ["greenlight", "--host", "127.0.0.1", "--port", "0"];
+        let config = Config::try_parse_from(args).unwrap();
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let mut supervisor = Supervisor::bind(&config, log).unwrap();
+        let mut new_process = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let (ready, mut said) = std::io::pipe().unwrap();
+        said.write_all(b"READY\n").unwrap();
+        let pid = new_process.id() as libc::pid_t;
+        supervisor.upgrade = Some(Upgrading {
+            pid,
+            new_pid: Some(pid),
+            detached: false,
+            ready: ready.into(),
+            heard: Vec::new(),
+            stage: Stage::Starting,
+            deadline: supervisor.now + Duration::from_secs(10),
+        });
+
+        supervisor.begin_shutdown(Signal::Term);
+
+        let stage = supervisor.upgrade.as_ref().map(|u| u.stage);
+        let alive = new_process.try_wait().unwrap().is_none();
+        new_process.kill().unwrap();
+        new_process.wait().unwrap();
+        assert_eq!(stage, Some(Stage::Serving));
+        assert!(alive, "the new process was stopped");
+        assert!(matches!(supervisor.phase, Phase::Draining { .. }));
     }
 }
