@@ -401,6 +401,25 @@ fn sigterm_while_the_new_process_starts_stops_it_too() {
 }
 
 #[test]
+fn sigquit_while_the_new_process_starts_takes_it_along() {
+    let (dir, binary) = binary_copy("quit");
+    let mut old = spawn_server_from(&binary, &[]);
+    replace_with_script(&binary, "exec sleep 30");
+    old.signal(libc::SIGHUP);
+    let started = old
+        .wait_for_log("upgrading: started the new process", PROMPTLY)
+        .expect("started");
+    let child = started["pid"].as_i64().unwrap() as i32;
+    old.signal(libc::SIGQUIT);
+    assert_eq!(old.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(2));
+    assert!(
+        std::fs::metadata(format!("/proc/{child}")).is_err(),
+        "a new process that never served outlived the old one"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
 fn a_new_greenlight_that_fails_at_start_up_is_logged_once_with_its_status() {
     // The real binary, whose admin address is taken: it says EXIT 1 on the pipe, then exits 1.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
