@@ -565,16 +565,7 @@ fn the_one_shutdown_deadline_forces_every_worker_and_exits_1_within_seconds() {
         "not before the deadline: {took:?}"
     );
     assert!(took < Duration::from_secs(5), "within seconds: {took:?}");
-    let log = server.final_log();
-    assert!(
-        log.iter().any(|line| line["level"] == "ERROR"),
-        "an ERROR line: {log:?}"
-    );
-    assert_eq!(count(log, "shutting down server"), 1, "{log:?}");
-    assert_eq!(count(log, "stopped server"), 0, "{log:?}");
-    for stream in &mut streams {
-        assert_unanswered(stream);
-    }
+    assert_forced_exit_logged(&mut server, &mut streams);
 }
 
 #[test]
@@ -598,16 +589,7 @@ fn a_second_sigterm_while_draining_exits_1_with_an_error_line() {
         "at once: {:?}",
         second.elapsed()
     );
-    let log = server.final_log();
-    assert!(
-        log.iter().any(|line| line["level"] == "ERROR"),
-        "an ERROR line: {log:?}"
-    );
-    assert_eq!(count(log, "shutting down server"), 1, "{log:?}");
-    assert_eq!(count(log, "stopped server"), 0, "{log:?}");
-    for stream in &mut streams {
-        assert_unanswered(stream);
-    }
+    assert_forced_exit_logged(&mut server, &mut streams);
 }
 
 /// Many attempts per count: were any worker still listening (a socket of its own, say), some
@@ -714,4 +696,19 @@ fn sigquit_with_a_worker_stuck_gives_up_on_it_within_seconds_and_exits_2() {
     // The traced thread can finish exiting only once this test lets go of it.
     drop(stuck);
     assert_eq!(server.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(2));
+}
+
+/// A forced exit's log: an ERROR line, one `shutting down server`, no `stopped server`; and
+/// every request in flight left unanswered.
+fn assert_forced_exit_logged(server: &mut Server, streams: &mut [TcpStream]) {
+    let log = server.final_log();
+    assert!(
+        log.iter().any(|line| line["level"] == "ERROR"),
+        "an ERROR line: {log:?}"
+    );
+    assert_eq!(count(log, "shutting down server"), 1, "{log:?}");
+    assert_eq!(count(log, "stopped server"), 0, "{log:?}");
+    for stream in streams {
+        assert_unanswered(stream);
+    }
 }
