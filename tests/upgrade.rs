@@ -382,27 +382,19 @@ fn under_systemd_a_new_process_that_cannot_start_says_its_status() {
 
 #[test]
 fn sigterm_while_the_new_process_starts_stops_it_too() {
-    let (dir, binary) = binary_copy("abandoned");
-    let mut old = spawn_server_from(&binary, &[]);
-    replace_with_script(&binary, "exec sleep 30");
-    old.signal(libc::SIGHUP);
-    let started = old
-        .wait_for_log("upgrading: started the new process", PROMPTLY)
-        .expect("started");
-    let child = started["pid"].as_i64().unwrap() as i32;
-    old.signal(libc::SIGTERM);
-    assert_eq!(old.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(0));
-    // Reaped before the old process exits: not left running, nor a zombie for init.
-    assert!(
-        std::fs::metadata(format!("/proc/{child}")).is_err(),
-        "a new process that never served outlived the old one"
-    );
-    std::fs::remove_dir_all(dir).ok();
+    stop_while_the_new_process_starts("abandoned", libc::SIGTERM, 0);
 }
 
 #[test]
 fn sigquit_while_the_new_process_starts_takes_it_along() {
-    let (dir, binary) = binary_copy("quit");
+    stop_while_the_new_process_starts("quit", libc::SIGQUIT, 2);
+}
+
+/// Starts an upgrade to a new process that never becomes ready, sends `signal`, and checks
+/// the old process exits with `code` and has reaped the new one first: not left running, nor
+/// a zombie for init.
+fn stop_while_the_new_process_starts(tag: &str, signal: i32, code: i32) {
+    let (dir, binary) = binary_copy(tag);
     let mut old = spawn_server_from(&binary, &[]);
     replace_with_script(&binary, "exec sleep 30");
     old.signal(libc::SIGHUP);
@@ -410,8 +402,8 @@ fn sigquit_while_the_new_process_starts_takes_it_along() {
         .wait_for_log("upgrading: started the new process", PROMPTLY)
         .expect("started");
     let child = started["pid"].as_i64().unwrap() as i32;
-    old.signal(libc::SIGQUIT);
-    assert_eq!(old.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(2));
+    old.signal(signal);
+    assert_eq!(old.wait_exit(PROMPTLY).and_then(|s| s.code()), Some(code));
     assert!(
         std::fs::metadata(format!("/proc/{child}")).is_err(),
         "a new process that never served outlived the old one"
